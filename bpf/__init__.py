@@ -1,0 +1,1 @@
+"""BPF C sources; shipped as package data so an installed meshintercept can compile them."""

@@ -1,0 +1,3 @@
+from meshintercept.cli import main
+
+main()

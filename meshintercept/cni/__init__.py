@@ -1,0 +1,1 @@
+"""CNI chained plugin (meshintercept-cni)."""

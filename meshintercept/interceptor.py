@@ -1,0 +1,86 @@
+"""The one interface every interception backend implements.
+
+A backend knows how to put interception in place in one network namespace, take it out,
+describe what is live, and tear down whatever it set up node-wide. It does not keep the
+node's records (`manager.Manager` does) and never prints or exits.
+
+Contract every backend keeps:
+* ``enable`` is atomic: it either applies the whole spec or leaves the namespace as it
+  was (raising a `MeshInterceptError`). Enabling again with the same spec is a no-op;
+  with another spec it replaces the old one.
+* ``disable`` removes exactly what ``enable`` added, is idempotent, and works when the
+  namespace is already gone (``netns`` is then None).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+from meshintercept.netns import Netns
+from meshintercept.node import Node
+from meshintercept.spec import InterceptSpec
+from meshintercept.state import NamespaceRecord
+
+
+@dataclass
+class Check:
+    """One doctor finding: a thing tried, whether it worked, and the fix when it did not."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+    fix: str = ""
+    #: A warning does not make the mode unusable (e.g. acceleration unavailable).
+    warning: bool = False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "ok": self.ok, "warning": self.warning, "detail": self.detail, "fix": self.fix}
+
+
+class Interceptor(ABC):
+    #: Mode name as typed after --mode; set by each backend.
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """None when the backend can run here, else one sentence saying why not and the fix.
+
+        Must be cheap (import checks, file existence): it runs on every CLI start that
+        selects this mode. `doctor` does the expensive, try-it-for-real checks.
+        """
+        return None
+
+    @abstractmethod
+    def enable(self, netns: Netns, spec: InterceptSpec, previous: Optional[NamespaceRecord] = None) -> dict:
+        """Apply interception; return backend facts to store in the record's ``extra``."""
+
+    @abstractmethod
+    def disable(self, record: NamespaceRecord, netns: Optional[Netns]) -> None:
+        """Remove what enable added; ``netns`` is None when the namespace no longer exists."""
+
+    @abstractmethod
+    def inspect(self, record: NamespaceRecord, netns: Optional[Netns]) -> dict:
+        """Live facts for status: is it actually in place, counters, rules, ..."""
+
+    def plan(self, netns: Netns, spec: InterceptSpec) -> str:
+        """What enable would do, as text (`--dry-run`); must not change anything."""
+        raise NotImplementedError(f"mode {self.name} has no dry-run")
+
+    def teardown(self) -> List[str]:
+        """Remove node-wide objects (programs, pins, attachments); return what was removed."""
+        return []
+
+    def node_status(self) -> dict:
+        """Node-wide facts for status (loaded programs, attach point, ...)."""
+        return {}
+
+    def doctor(self) -> List[Check]:
+        """Try each thing this backend needs, for real; never raise."""
+        reason = self.unavailable_reason()
+        return [Check(f"{self.name} usable", reason is None, reason or "")]

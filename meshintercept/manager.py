@@ -1,0 +1,180 @@
+"""`Manager`: the core object behind every command (CLI, CNI plugin, demo, tests).
+
+It resolves namespaces, picks the backend, keeps the node's records consistent with what
+backends applied, and returns plain data. It never prints and never exits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional
+
+from meshintercept import registry
+from meshintercept.errors import Conflict, MeshInterceptError, NamespaceNotFound, NotPermitted, UsageError
+from meshintercept.interceptor import Check, Interceptor
+from meshintercept.netns import Netns
+from meshintercept.node import Node
+from meshintercept.spec import InterceptSpec
+from meshintercept.state import NamespaceRecord, StateStore
+
+
+def require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise NotPermitted(f"{action} needs root (CAP_NET_ADMIN and CAP_BPF); run it with sudo or as root.")
+
+
+class Manager:
+    def __init__(self, node: Optional[Node] = None):
+        self.node = node or Node.from_options()
+        self.store = StateStore(self.node.state_dir)
+        self._backends: Dict[str, Interceptor] = {}
+
+    def backend(self, mode: str) -> Interceptor:
+        if mode not in self._backends:
+            self._backends[mode] = registry.require(mode)(self.node)
+        return self._backends[mode]
+
+    # --- enable -------------------------------------------------------------------------
+    def plan(self, ns_ref: str, mode: str, spec: InterceptSpec) -> str:
+        cls = registry.load(mode)
+        netns = Netns.parse(ns_ref)
+        return cls(self.node).plan(netns, spec)
+
+    def enable(self, ns_ref: str, mode: str, spec: InterceptSpec) -> dict:
+        registry.load(mode)  # unknown mode is a usage error, before the root check
+        require_root("enable")
+        netns = Netns.parse(ns_ref)
+        backend = self.backend(mode)
+        started = time.monotonic()
+        with self.store.locked():
+            previous = self.store.get(netns.key)
+            if previous and previous.mode != mode:
+                raise Conflict(
+                    f"namespace {netns.name} is intercepted by mode {previous.mode}; "
+                    f"run 'meshintercept disable --netns {netns.ref}' first."
+                )
+            if previous and previous.spec == spec and backend.inspect(previous, netns).get("in_place", True):
+                return self._result(previous, changed=False, started=started)
+            try:
+                extra = backend.enable(netns, spec, previous)
+            except BaseException:
+                if previous is None:
+                    # Backends are atomic; this is the belt to their braces.
+                    self._quiet_disable(backend, NamespaceRecord(netns.key, netns.ref, netns.path, netns.name, mode, spec), netns)
+                raise
+            record = NamespaceRecord(
+                key=netns.key, ref=netns.ref, path=netns.path, name=netns.name, mode=mode, spec=spec,
+                enabled_at=previous.enabled_at if previous else time.time(), extra=extra or {},
+            )
+            self.store.put(record)
+        return self._result(record, changed=True, started=started)
+
+    @staticmethod
+    def _result(record: NamespaceRecord, changed: bool, started: float) -> dict:
+        return {
+            "namespace": record.name, "path": record.path, "mode": record.mode, "changed": changed,
+            "spec": record.spec.to_dict(), "elapsed_ms": round((time.monotonic() - started) * 1000, 2),
+        }
+
+    @staticmethod
+    def _quiet_disable(backend: Interceptor, record: NamespaceRecord, netns: Optional[Netns]) -> None:
+        try:
+            backend.disable(record, netns)
+        except Exception:
+            pass
+
+    # --- disable ------------------------------------------------------------------------
+    def _lookup(self, ns_ref: str):
+        """Return (record or None, netns or None); a gone namespace is found by its record."""
+        try:
+            netns = Netns.parse(ns_ref)
+        except NamespaceNotFound:
+            return self.store.find(ns_ref), None
+        return self.store.get(netns.key), netns
+
+    def disable(self, ns_ref: str) -> dict:
+        require_root("disable")
+        with self.store.locked():
+            record, netns = self._lookup(ns_ref)
+            if record is None:
+                if netns is None:
+                    raise NamespaceNotFound(
+                        f"network namespace {ns_ref!r} does not exist and is not managed; nothing to disable."
+                    )
+                return {"namespace": netns.name, "mode": None, "changed": False}
+            self.backend(record.mode).disable(record, netns)
+            self.store.delete(record.key)
+        return {"namespace": record.name, "mode": record.mode, "changed": True}
+
+    def disable_all(self) -> dict:
+        """Disable every managed namespace, then tear down node-wide objects of every mode."""
+        require_root("disable --all")
+        removed: List[str] = []
+        errors: List[str] = []
+        with self.store.locked():
+            for record in self.store.all():
+                try:
+                    netns = Netns.parse(record.path)
+                    if netns.key != record.key:
+                        netns = None  # the path now names another namespace
+                except MeshInterceptError:
+                    netns = None
+                try:
+                    self.backend(record.mode).disable(record, netns)
+                    self.store.delete(record.key)
+                    removed.append(record.name)
+                except MeshInterceptError as exc:
+                    errors.append(f"{record.name}: {exc.message}")
+            torn = {}
+            for mode in registry.names():
+                try:
+                    cls = registry.load(mode)
+                    if cls.unavailable_reason():
+                        continue
+                    torn[mode] = self.backend(mode).teardown()
+                except MeshInterceptError as exc:
+                    errors.append(f"{mode}: {exc.message}")
+            if not errors:
+                self.store.remove_all()
+        if errors:
+            raise MeshInterceptError("disable --all left work undone: " + "; ".join(errors))
+        return {"namespaces": removed, "teardown": torn, "changed": bool(removed) or any(torn.values())}
+
+    # --- status -------------------------------------------------------------------------
+    def status(self, ns_ref: Optional[str] = None) -> dict:
+        if ns_ref is not None:
+            record, netns = self._lookup(ns_ref)
+            if record is None and netns is None:
+                raise NamespaceNotFound(f"network namespace {ns_ref!r} does not exist and is not managed.")
+            records = [record] if record else []
+        else:
+            records = self.store.all()
+        items = [self._describe(r) for r in records]
+        return {"node": self.node.to_dict(), "namespaces": items}
+
+    def _describe(self, record: NamespaceRecord) -> dict:
+        try:
+            netns = Netns.parse(record.path)
+            if netns.key != record.key:
+                netns = None
+        except MeshInterceptError:
+            netns = None
+        item = {
+            "namespace": record.name, "path": record.path, "mode": record.mode, "present": netns is not None,
+            "enabled_at": record.enabled_at, "spec": record.spec.to_dict(), "extra": record.extra,
+        }
+        try:
+            item["live"] = self.backend(record.mode).inspect(record, netns)
+        except MeshInterceptError as exc:
+            item["live"] = {"error": exc.message}
+        return item
+
+    def records(self) -> List[NamespaceRecord]:
+        return self.store.all()
+
+    # --- doctor -------------------------------------------------------------------------
+    def doctor(self) -> Dict[str, List[Check]]:
+        from meshintercept.doctor import run_checks
+
+        return run_checks(self)

@@ -1,0 +1,146 @@
+"""`InterceptSpec`: the one validated description of what to intercept, shared by every backend.
+
+Defaults are osm / osm-edge's: proxy UID 1500, outbound port 15001, inbound port 15003.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Iterable, Tuple
+
+from meshintercept.errors import UsageError
+
+DEFAULT_PROXY_UID = 1500
+DEFAULT_OUTBOUND_PORT = 15001
+DEFAULT_INBOUND_PORT = 15003
+
+
+def parse_port(value, what: str = "port") -> int:
+    """Accept an int or a decimal string in 1..65535."""
+    text = str(value).strip()
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a number; give a TCP port between 1 and 65535.") from None
+    if not 1 <= port <= 65535:
+        raise UsageError(f"{what} {port} is out of range; give a TCP port between 1 and 65535.")
+    return port
+
+
+def split_list(values: Iterable) -> list:
+    """Flatten repeated options and comma lists: ("80,443", "8080") -> ["80", "443", "8080"]."""
+    out = []
+    for value in values or ():
+        if isinstance(value, (list, tuple)):
+            out.extend(split_list(value))
+            continue
+        for part in str(value).split(","):
+            part = part.strip()
+            if part:
+                out.append(part)
+    return out
+
+
+def parse_ports(values, what: str) -> Tuple[int, ...]:
+    return tuple(sorted({parse_port(v, what) for v in split_list(values)}))
+
+
+def parse_cidrs(values, what: str = "excluded outbound CIDR") -> Tuple[ipaddress.IPv4Network, ...]:
+    nets = set()
+    for text in split_list(values):
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise UsageError(f"{what} {text!r} is not a valid CIDR; write it like 10.0.0.0/8 or 192.168.1.5/32.") from None
+        if net.version != 4:
+            raise UsageError(f"{what} {text!r} is IPv6; only IPv4 interception is supported.")
+        nets.add(net)
+    return tuple(sorted(nets))
+
+
+def parse_uid(value) -> int:
+    text = str(value).strip()
+    try:
+        uid = int(text, 10)
+    except ValueError:
+        raise UsageError(f"proxy UID {text!r} is not a number; give the numeric UID the sidecar runs as.") from None
+    if not 0 <= uid <= 0xFFFFFFFE:
+        raise UsageError(f"proxy UID {uid} is out of range; give a UID between 0 and 4294967294.")
+    return uid
+
+
+@dataclass(frozen=True)
+class InterceptSpec:
+    proxy_uid: int = DEFAULT_PROXY_UID
+    outbound_port: int = DEFAULT_OUTBOUND_PORT
+    inbound_port: int = DEFAULT_INBOUND_PORT
+    exclude_outbound_ports: Tuple[int, ...] = ()
+    exclude_inbound_ports: Tuple[int, ...] = ()
+    exclude_outbound_cidrs: Tuple[ipaddress.IPv4Network, ...] = ()
+    #: Empty means every inbound port (except exclusions and the proxy's own ports).
+    include_inbound_ports: Tuple[int, ...] = ()
+    #: eBPF only: programs write bpf_trace_printk lines and trace events for this namespace.
+    debug: bool = False
+    #: eBPF only: sockhash + sk_msg redirect between local sockets (opt-in, fail-open).
+    accelerate: bool = False
+
+    def __post_init__(self):
+        if self.outbound_port == self.inbound_port:
+            raise UsageError(
+                f"inbound and outbound port are both {self.inbound_port}; the sidecar needs two different ports."
+            )
+        for port in self.include_inbound_ports:
+            if port in self.exclude_inbound_ports:
+                raise UsageError(f"inbound port {port} is both included and excluded; keep it in one list only.")
+
+    @classmethod
+    def build(cls, **options) -> "InterceptSpec":
+        """Build from loosely typed input (CLI strings, CNI JSON, env) with validation."""
+        kwargs = {}
+        if options.get("proxy_uid") is not None:
+            kwargs["proxy_uid"] = parse_uid(options["proxy_uid"])
+        if options.get("outbound_port") is not None:
+            kwargs["outbound_port"] = parse_port(options["outbound_port"], "outbound port")
+        if options.get("inbound_port") is not None:
+            kwargs["inbound_port"] = parse_port(options["inbound_port"], "inbound port")
+        kwargs["exclude_outbound_ports"] = parse_ports(options.get("exclude_outbound_ports"), "excluded outbound port")
+        kwargs["exclude_inbound_ports"] = parse_ports(options.get("exclude_inbound_ports"), "excluded inbound port")
+        kwargs["include_inbound_ports"] = parse_ports(options.get("include_inbound_ports"), "included inbound port")
+        kwargs["exclude_outbound_cidrs"] = parse_cidrs(options.get("exclude_outbound_cidrs"))
+        kwargs["debug"] = bool(options.get("debug", False))
+        kwargs["accelerate"] = bool(options.get("accelerate", False))
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown spec field(s) {', '.join(sorted(unknown))}; see 'meshintercept enable --help'.")
+        return cls(**kwargs)
+
+    def with_changes(self, **changes) -> "InterceptSpec":
+        return replace(self, **changes)
+
+    # The proxy's own listeners must never be redirected, or it would loop into itself.
+    @property
+    def proxy_ports(self) -> Tuple[int, int]:
+        return (self.outbound_port, self.inbound_port)
+
+    def inbound_redirected(self, port: int) -> bool:
+        if port in self.proxy_ports or port in self.exclude_inbound_ports:
+            return False
+        return not self.include_inbound_ports or port in self.include_inbound_ports
+
+    def outbound_redirected(self, addr: str, port: int) -> bool:
+        ip = ipaddress.ip_address(addr)
+        if ip.is_loopback or port in self.exclude_outbound_ports:
+            return False
+        return not any(ip in net for net in self.exclude_outbound_cidrs)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["exclude_outbound_cidrs"] = [str(n) for n in self.exclude_outbound_cidrs]
+        for key in ("exclude_outbound_ports", "exclude_inbound_ports", "include_inbound_ports"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InterceptSpec":
+        return cls.build(**data)

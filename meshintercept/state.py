@@ -1,0 +1,121 @@
+"""The node's record of managed namespaces: one JSON file per namespace, under a lock.
+
+The kernel holds the truth of what is applied (rules, map entries); this record holds what
+the kernel cannot tell us: which namespace path and name a cookie belongs to, which mode
+enabled it, and the spec that was asked for. CNI invocations run in parallel, so every
+read-modify-write happens under an flock on the state directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional
+
+from meshintercept.spec import InterceptSpec
+
+RECORD_VERSION = 1
+
+
+@dataclass
+class NamespaceRecord:
+    key: str  # "dev:inode" of the namespace file
+    ref: str  # what the user gave (name, path, pid:N)
+    path: str  # resolved nsfs path
+    name: str
+    mode: str
+    spec: InterceptSpec
+    enabled_at: float = field(default_factory=time.time)
+    #: Backend-owned facts (netns cookie, pod IPs, tc ifindexes, ...).
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["spec"] = self.spec.to_dict()
+        data["version"] = RECORD_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NamespaceRecord":
+        data = dict(data)
+        data.pop("version", None)
+        data["spec"] = InterceptSpec.from_dict(data["spec"])
+        return cls(**data)
+
+
+class StateStore:
+    def __init__(self, state_dir: str):
+        self.dir = state_dir
+        self.ns_dir = os.path.join(state_dir, "namespaces")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["StateStore"]:
+        os.makedirs(self.ns_dir, exist_ok=True)
+        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self
+        finally:
+            os.close(fd)
+
+    def _file(self, key: str) -> str:
+        return os.path.join(self.ns_dir, key.replace(":", "_") + ".json")
+
+    def get(self, key: str) -> Optional[NamespaceRecord]:
+        try:
+            with open(self._file(key)) as f:
+                return NamespaceRecord.from_dict(json.load(f))
+        except FileNotFoundError:
+            return None
+
+    def find(self, ref_or_path: str) -> Optional[NamespaceRecord]:
+        """Find a record by what the user typed, for namespaces that no longer exist."""
+        for rec in self.all():
+            if ref_or_path in (rec.ref, rec.path, rec.name):
+                return rec
+        return None
+
+    def put(self, record: NamespaceRecord) -> None:
+        os.makedirs(self.ns_dir, exist_ok=True)
+        path = self._file(record.key)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(record.to_dict(), f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    def delete(self, key: str) -> bool:
+        try:
+            os.unlink(self._file(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def all(self) -> list:
+        try:
+            names = sorted(os.listdir(self.ns_dir))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.ns_dir, name)) as f:
+                    out.append(NamespaceRecord.from_dict(json.load(f)))
+            except (OSError, ValueError, TypeError):
+                continue  # a torn or foreign file must not break status
+        return out
+
+    def remove_all(self) -> None:
+        for rec in self.all():
+            self.delete(rec.key)
+        for leftover in ("lock",):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.dir, leftover))
+        for d in (self.ns_dir, self.dir):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)

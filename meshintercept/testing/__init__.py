@@ -1,0 +1,1 @@
+"""Test helpers shipped with the package: the contract suite and the one-machine test cluster."""
