@@ -1,0 +1,300 @@
+"""The `meshintercept` command line: parse options, call `Manager`, print the result.
+
+Nothing here decides anything about interception. Commands contributed by backends and
+the CNI plugin (``maps``, ``trace``, ``cni``) come from the ``meshintercept.commands``
+entry-point group and are imported only when invoked, so ``enable`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from meshintercept import __version__
+from meshintercept.errors import MeshInterceptError, UsageError
+from meshintercept.status import EXIT_CODE_HELP, ExitStatus
+
+COMMANDS_GROUP = "meshintercept.commands"
+ENV = "MESHINTERCEPT_"
+
+
+def _env(name: str) -> str:
+    return ENV + name.upper().replace("-", "_")
+
+
+class LazyGroup(click.Group):
+    """A click group that adds entry-point commands on demand."""
+
+    def _plugin_eps(self):
+        from importlib.metadata import entry_points
+
+        eps = entry_points()
+        return list(eps.select(group=COMMANDS_GROUP)) if hasattr(eps, "select") else list(eps.get(COMMANDS_GROUP, []))
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | {ep.name for ep in self._plugin_eps()})
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        for ep in self._plugin_eps():
+            if ep.name == name:
+                try:
+                    return ep.load()
+                except Exception as exc:  # a broken plugin must not take the CLI down
+                    raise click.ClickException(f"command {name!r} failed to load: {exc}") from exc
+        return None
+
+
+class Session:
+    """What the group hands to every command: the node and a lazily built Manager."""
+
+    def __init__(self, cgroup, pin_dir, state_dir, traceback):
+        self.cgroup, self.pin_dir, self.state_dir = cgroup, pin_dir, state_dir
+        self.traceback = traceback
+        self._manager = None
+
+    @property
+    def manager(self):
+        if self._manager is None:
+            from meshintercept.manager import Manager
+            from meshintercept.node import Node
+
+            self._manager = Manager(Node.from_options(self.cgroup, self.pin_dir, self.state_dir))
+        return self._manager
+
+
+pass_session = click.make_pass_decorator(Session)
+
+
+def emit(data, as_json: bool, render) -> None:
+    if as_json:
+        from meshintercept.render import to_json
+
+        click.echo(to_json(data))
+    else:
+        render(data)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EXIT_CODE_HELP.replace("\n", "\n\n\b\n", 1),
+)
+@click.option("--cgroup", envvar=_env("cgroup"), metavar="PATH",
+              help="cgroup-v2 directory the eBPF programs attach to (default: the cgroup-v2 root).")
+@click.option("--pin-dir", envvar=_env("pin_dir"), metavar="PATH",
+              help="bpffs directory holding this node's pinned programs and maps (default /sys/fs/bpf/meshintercept).")
+@click.option("--state-dir", envvar=_env("state_dir"), metavar="PATH", hidden=True,
+              help="Directory of the node's namespace records (default derived from --pin-dir under /run/meshintercept).")
+@click.option("--traceback", is_flag=True, envvar=_env("traceback"), help="Show the Python traceback on errors.")
+@click.version_option(__version__, "-V", "--version", prog_name="meshintercept")
+@click.pass_context
+def cli(ctx, cgroup, pin_dir, state_dir, traceback):
+    """Turn service-mesh sidecar traffic interception on and off per network namespace.
+
+    One network namespace is one pod. Interception sends the pod's outbound TCP to the
+    sidecar's outbound port and inbound TCP to its inbound port; the sidecar learns the
+    original destination with getsockopt(SO_ORIGINAL_DST), whichever mode is in use:
+
+    \b
+      iptables  nat REDIRECT rules inside the pod's namespace (like Istio, Linkerd, osm)
+      ebpf      cgroup connect4/sockops/getsockopt + tc programs (osm-edge/merbridge design)
+
+    \b
+    Quick start:
+      meshintercept doctor
+      meshintercept enable --mode ebpf --netns mypod
+      meshintercept status
+      meshintercept disable --netns mypod
+
+    Every option can also be set in the environment as MESHINTERCEPT_<OPTION>,
+    e.g. MESHINTERCEPT_PIN_DIR or MESHINTERCEPT_EXCLUDE_OUTBOUND_PORT="22,53".
+    """
+    ctx.obj = Session(cgroup, pin_dir, state_dir, traceback)
+
+
+# --- enable ---------------------------------------------------------------------------------
+NETNS_HELP = "Target network namespace: a name under /var/run/netns, a path (/proc/PID/ns/net, a CNI netns) or pid:N."
+
+
+def _spec_options(fn):
+    options = [
+        click.option("--accelerate", is_flag=True, envvar=_env("accelerate"),
+                     help="ebpf: redirect payload socket to socket with sockmap (opt-in, falls back to the normal path on any miss)."),
+        click.option("--debug", is_flag=True, envvar=_env("debug"),
+                     help="ebpf: programs log each decision to trace_pipe and to 'meshintercept trace'."),
+        click.option("--include-inbound-port", "include_inbound_ports", multiple=True, envvar=_env("include_inbound_port"),
+                     metavar="P[,P]", help="Redirect only these inbound ports (default: all). Repeatable, comma lists."),
+        click.option("--exclude-outbound-cidr", "exclude_outbound_cidrs", multiple=True, envvar=_env("exclude_outbound_cidr"),
+                     metavar="CIDR[,CIDR]", help="Outbound destinations that bypass the sidecar. Repeatable, comma lists."),
+        click.option("--exclude-inbound-port", "exclude_inbound_ports", multiple=True, envvar=_env("exclude_inbound_port"),
+                     metavar="P[,P]", help="Inbound ports that bypass the sidecar. Repeatable, comma lists."),
+        click.option("--exclude-outbound-port", "exclude_outbound_ports", multiple=True, envvar=_env("exclude_outbound_port"),
+                     metavar="P[,P]", help="Outbound destination ports that bypass the sidecar. Repeatable, comma lists."),
+        click.option("--inbound-port", envvar=_env("inbound_port"), metavar="PORT", show_default=True, default="15003",
+                     help="Sidecar port receiving redirected inbound connections."),
+        click.option("--outbound-port", envvar=_env("outbound_port"), metavar="PORT", show_default=True, default="15001",
+                     help="Sidecar port receiving redirected outbound connections."),
+        click.option("--proxy-uid", envvar=_env("proxy_uid"), metavar="UID", show_default=True, default="1500",
+                     help="UID the sidecar runs as; its own traffic is never redirected."),
+    ]
+    for option in options:
+        fn = option(fn)
+    return fn
+
+
+@cli.command(epilog=EXIT_CODE_HELP.replace("\n", "\n\n\b\n", 1))
+@click.option("--mode", envvar=_env("mode"), metavar="MODE", required=True,
+              help="Interception backend: iptables or ebpf (see 'meshintercept doctor').")
+@click.option("--netns", envvar=_env("netns"), metavar="NS", required=True, help=NETNS_HELP)
+@_spec_options
+@click.option("--dry-run", is_flag=True, help="Print what would be applied (iptables-save form for iptables) and change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_session
+def enable(session, mode, netns, dry_run, as_json, **spec_options):
+    """Intercept a network namespace's TCP traffic through its sidecar.
+
+    Idempotent: enabling again with the same options changes nothing; with different
+    options the namespace's interception is replaced atomically. A failed enable leaves
+    the namespace as it was.
+
+    \b
+    Examples:
+      meshintercept enable --mode iptables --netns pod1
+      meshintercept enable --mode ebpf --netns /proc/4242/ns/net --exclude-outbound-port 22,53
+      meshintercept enable --mode iptables --netns pod1 --dry-run
+    """
+    from meshintercept.spec import InterceptSpec
+
+    spec = InterceptSpec.build(**spec_options)
+    manager = session.manager
+    if dry_run:
+        text = manager.plan(netns, mode, spec)
+        emit({"mode": mode, "namespace": netns, "plan": text}, as_json, lambda d: click.echo(d["plan"].rstrip("\n")))
+        return
+    result = manager.enable(netns, mode, spec)
+    emit(result, as_json, _render_enable)
+
+
+def _render_enable(result):
+    verb = "enabled" if result["changed"] else "already enabled (unchanged)"
+    spec = result["spec"]
+    click.echo(
+        f"{result['namespace']}: {result['mode']} interception {verb} "
+        f"(outbound :{spec['outbound_port']}, inbound :{spec['inbound_port']}, proxy uid {spec['proxy_uid']}) "
+        f"in {result['elapsed_ms']:.1f} ms"
+    )
+
+
+# --- disable --------------------------------------------------------------------------------
+@cli.command(epilog=EXIT_CODE_HELP.replace("\n", "\n\n\b\n", 1))
+@click.option("--netns", envvar=_env("netns"), metavar="NS", help=NETNS_HELP + " It may already be gone.")
+@click.option("--all", "all_", is_flag=True, help="Disable every managed namespace and remove everything of ours from the node (programs, pins, attachments).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_session
+def disable(session, netns, all_, as_json):
+    """Stop intercepting a namespace, or everything on the node with --all.
+
+    Removes exactly what enable added; idempotent (disabling twice is fine).
+    """
+    if bool(netns) == bool(all_):
+        raise UsageError("give exactly one of --netns NS or --all.")
+    if all_:
+        result = session.manager.disable_all()
+        emit(result, as_json, _render_disable_all)
+    else:
+        result = session.manager.disable(netns)
+        emit(result, as_json, lambda r: click.echo(
+            f"{r['namespace']}: {r['mode']} interception disabled" if r["changed"] else f"{r['namespace']}: not intercepted (nothing to do)"))
+
+
+def _render_disable_all(result):
+    names = ", ".join(result["namespaces"]) or "none"
+    click.echo(f"disabled namespaces: {names}")
+    for mode, removed in result["teardown"].items():
+        if removed:
+            click.echo(f"{mode}: removed {len(removed)} node-wide object(s)")
+    if not result["changed"]:
+        click.echo("nothing was enabled on this node")
+
+
+# --- status ---------------------------------------------------------------------------------
+@cli.command()
+@click.option("--netns", envvar=_env("netns"), metavar="NS", help="Show one namespace only. " + NETNS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (for scripts).")
+@pass_session
+def status(session, netns, as_json):
+    """Show managed namespaces: mode, ports, exclusions and what is live in the kernel."""
+    data = session.manager.status(netns)
+    from meshintercept.render import render_status
+
+    emit(data, as_json, render_status)
+
+
+# --- doctor ---------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@pass_session
+def doctor(session, as_json):
+    """Check, by trying for real, whether each mode can work on this machine and why not.
+
+    Exits 0 when at least one mode is fully usable, 4 otherwise.
+    """
+    from meshintercept.doctor import summarize
+    from meshintercept.render import render_doctor
+
+    report = summarize(session.manager.doctor())
+    emit(report, as_json, render_doctor)
+    if not report["usable_modes"]:
+        sys.exit(int(ExitStatus.ENVIRONMENT))
+
+
+# --- demo -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--mode", envvar=_env("mode"), default="iptables", show_default=True, metavar="MODE",
+              help="Interception backend to demonstrate: iptables or ebpf.")
+@click.option("--keep", is_flag=True, help="Leave the cluster up until Enter is pressed (to look around).")
+def demo(mode, keep):
+    """Run the seed's walk-through on this machine, then tear it all down.
+
+    Builds a two-node cluster out of network namespaces (10.231.0.0/16, child cgroups,
+    never the machine's root cgroup), starts pipy-ok v1 (same node) and v2 (other node),
+    a client pod with a sidecar routing a service address to both, enables interception
+    with MODE, calls the service and shows both answers and the path they took.
+    """
+    from meshintercept.demo import run_demo
+
+    run_demo(mode, keep=keep, echo=click.echo)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    traceback = "--traceback" in argv or os.environ.get(_env("traceback"), "") not in ("", "0", "false")
+    try:
+        rv = cli.main(args=argv, prog_name="meshintercept", standalone_mode=False, auto_envvar_prefix="MESHINTERCEPT")
+        sys.exit(int(rv) if isinstance(rv, int) else 0)
+    except MeshInterceptError as exc:
+        if traceback:
+            raise
+        click.echo(f"meshintercept: error: {exc.message}", err=True)
+        sys.exit(int(exc.status))
+    except click.exceptions.Abort:
+        click.echo("meshintercept: interrupted", err=True)
+        sys.exit(int(ExitStatus.INTERRUPTED))
+    except KeyboardInterrupt:
+        click.echo("meshintercept: interrupted", err=True)
+        sys.exit(int(ExitStatus.INTERRUPTED))
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except PermissionError as exc:
+        if traceback:
+            raise
+        click.echo(f"meshintercept: error: {exc.strerror or exc} ({exc.filename or ''}); run meshintercept as root.", err=True)
+        sys.exit(int(ExitStatus.NOT_PERMITTED))
