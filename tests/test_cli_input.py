@@ -1,0 +1,119 @@
+"""Bad input gets one clear sentence, its documented exit code, and changes nothing.
+
+These run the installed console script as a user would, in a subprocess.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from meshintercept.status import ExitStatus
+
+EXE = os.path.join(os.path.dirname(sys.executable), "meshintercept")
+
+
+@pytest.fixture
+def node_env(tmp_path):
+    """A private node (pin dir + state dir) so nothing here touches a real node's state."""
+    suffix = uuid.uuid4().hex[:8]
+    env = dict(os.environ)
+    env["MESHINTERCEPT_PIN_DIR"] = f"/sys/fs/bpf/mi-u-{suffix}"
+    env["MESHINTERCEPT_STATE_DIR"] = str(tmp_path / "state")
+    env.pop("MESHINTERCEPT_MODE", None)
+    yield env
+    shutil.rmtree(env["MESHINTERCEPT_STATE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture
+def netns_name():
+    name = f"mi-u-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def run(args, env, **kw):
+    return subprocess.run([EXE, *args], env=env, capture_output=True, text=True, timeout=60, **kw)
+
+
+def assert_one_sentence(proc, code, *words):
+    assert proc.returncode == int(code), (proc.returncode, proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def assert_nothing_changed(env, ns):
+    state = env["MESHINTERCEPT_STATE_DIR"]
+    assert not os.path.exists(os.path.join(state, "namespaces")) or not os.listdir(os.path.join(state, "namespaces"))
+    assert not os.path.exists(env["MESHINTERCEPT_PIN_DIR"])
+    if ns:
+        rules = subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy-save", "-t", "nat"], capture_output=True, text=True).stdout
+        assert "MI_" not in rules and "REDIRECT" not in rules
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--inbound-port", "0"], ["inbound port 0", "between 1 and 65535"]),
+        (["--outbound-port", "70000"], ["outbound port 70000", "between 1 and 65535"]),
+        (["--inbound-port", "abc"], ["'abc' is not a number"]),
+        (["--exclude-outbound-port", "22,x"], ["'x' is not a number"]),
+        (["--exclude-outbound-cidr", "10.0.0.0/33"], ["not a valid CIDR"]),
+        (["--exclude-outbound-cidr", "nonsense"], ["not a valid CIDR"]),
+        (["--inbound-port", "15001"], ["both 15001"]),
+        (["--proxy-uid", "-5"], ["proxy UID"]),
+    ],
+)
+def test_bad_values_are_usage_errors(node_env, netns_name, extra, words):
+    proc = run(["enable", "--mode", "iptables", "--netns", netns_name, *extra], node_env)
+    assert_one_sentence(proc, ExitStatus.USAGE, *words)
+    assert_nothing_changed(node_env, netns_name)
+
+
+def test_unknown_mode_names_the_available_ones(node_env, netns_name):
+    proc = run(["enable", "--mode", "nftables", "--netns", netns_name], node_env)
+    assert_one_sentence(proc, ExitStatus.USAGE, "unknown mode 'nftables'", "ebpf", "iptables")
+    assert_nothing_changed(node_env, netns_name)
+
+
+def test_missing_namespace(node_env):
+    proc = run(["enable", "--mode", "iptables", "--netns", "mi-u-does-not-exist"], node_env)
+    assert_one_sentence(proc, ExitStatus.NOT_FOUND, "does not exist")
+    assert_nothing_changed(node_env, None)
+
+
+def test_missing_namespace_path(node_env):
+    proc = run(["enable", "--mode", "iptables", "--netns", "pid:999999999"], node_env)
+    assert_one_sentence(proc, ExitStatus.NOT_FOUND, "does not exist")
+
+
+def test_env_values_are_validated_like_options(node_env, netns_name):
+    env = dict(node_env, MESHINTERCEPT_OUTBOUND_PORT="abc")
+    proc = run(["enable", "--mode", "iptables", "--netns", netns_name], env)
+    assert_one_sentence(proc, ExitStatus.USAGE, "'abc' is not a number")
+
+
+def test_disable_needs_exactly_one_target(node_env):
+    proc = run(["disable"], node_env)
+    assert_one_sentence(proc, ExitStatus.USAGE, "--netns", "--all")
+    proc = run(["disable", "--netns", "x", "--all"], node_env)
+    assert_one_sentence(proc, ExitStatus.USAGE, "--netns", "--all")
+
+
+def test_not_root_is_refused(node_env, netns_name):
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to drop root for this test")
+    env = dict(node_env)
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", EXE,
+         "enable", "--mode", "iptables", "--netns", netns_name],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert_one_sentence(proc, ExitStatus.NOT_PERMITTED, "needs root")
+    assert_nothing_changed(node_env, netns_name)

@@ -1,0 +1,57 @@
+"""InterceptSpec validation and the decisions every backend must agree on."""
+
+import ipaddress
+
+import pytest
+
+from meshintercept.errors import UsageError
+from meshintercept.spec import InterceptSpec, split_list
+
+
+def test_defaults_are_osm_edge():
+    spec = InterceptSpec()
+    assert (spec.proxy_uid, spec.outbound_port, spec.inbound_port) == (1500, 15001, 15003)
+
+
+def test_lists_accept_repeats_and_commas_and_dedupe():
+    spec = InterceptSpec.build(exclude_outbound_ports=("22,53", "8125", " 53 "),
+                               exclude_outbound_cidrs=["10.0.0.0/8,192.168.1.7"])
+    assert spec.exclude_outbound_ports == (22, 53, 8125)
+    assert spec.exclude_outbound_cidrs == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.168.1.7/32"))
+    assert split_list(["a,,b", ("c",)]) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("bad", [{"inbound_port": 0}, {"outbound_port": "70000"}, {"inbound_port": "abc"},
+                                 {"exclude_inbound_ports": ["1,x"]}, {"exclude_outbound_cidrs": ["fe80::/64"]},
+                                 {"outbound_port": 15003}, {"proxy_uid": "root"},
+                                 {"include_inbound_ports": ["80"], "exclude_inbound_ports": ["80"]}])
+def test_bad_values(bad):
+    with pytest.raises(UsageError):
+        InterceptSpec.build(**bad)
+
+
+def test_proxy_ports_never_redirected_inbound():
+    spec = InterceptSpec.build(include_inbound_ports=["15001", "8080"], exclude_inbound_ports=["9090"])
+    assert not spec.inbound_redirected(15001)
+    assert not spec.inbound_redirected(15003)
+    assert spec.inbound_redirected(8080)
+    assert not spec.inbound_redirected(9090)
+    assert not spec.inbound_redirected(80)
+
+
+def test_outbound_decisions():
+    spec = InterceptSpec.build(exclude_outbound_ports=["22"], exclude_outbound_cidrs=["10.231.9.0/24"])
+    assert spec.outbound_redirected("10.231.1.5", 80)
+    assert not spec.outbound_redirected("127.0.0.1", 80)
+    assert not spec.outbound_redirected("10.231.1.5", 22)
+    assert not spec.outbound_redirected("10.231.9.200", 80)
+
+
+def test_round_trip_through_dict():
+    spec = InterceptSpec.build(exclude_outbound_cidrs=["10.0.0.0/8"], include_inbound_ports=["80"], debug=True)
+    assert InterceptSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_unknown_field_is_rejected():
+    with pytest.raises(UsageError, match="unknown spec field"):
+        InterceptSpec.build(outbound_prot=1)
