@@ -1,0 +1,371 @@
+"""The project's own transparent sidecar (stdlib only).
+
+It listens on the outbound port (15001) and the inbound port (15003), asks every accepted
+socket for its original destination with ``getsockopt(SOL_IP, SO_ORIGINAL_DST)`` — answered
+by conntrack under the iptables backend and by a ``cgroup/getsockopt`` program under the
+eBPF backend — and splices bytes both ways:
+
+* outbound: to the original destination, or round robin to the backends of a route when the
+  original destination is a virtual service address (``--route VIP:PORT=IP:PORT,IP:PORT``);
+* inbound: to ``<inbound target>:<original port>``, the app in the same pod.
+
+Every connection ends as one JSON line in the log (direction, peer, original_dst, upstream,
+bytes each way, error), so tests can prove which destination the sidecar really saw.
+
+Run it as the proxy UID: both backends skip that UID's own traffic, which is what keeps the
+sidecar's upstream connections from being redirected back into itself.
+
+    python -m meshintercept.sidecar --outbound-port 15001 --inbound-port 15003 --log FILE \\
+        [--route 10.231.200.1:8080=10.231.1.3:8080,10.231.2.3:8080] [--uid 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import ipaddress
+import itertools
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Dict, IO, List, Optional, Sequence, Tuple
+
+SO_ORIGINAL_DST = 80
+F_SETPIPE_SZ = 1031
+BUFFER_SIZE = 1 << 20
+Addr = Tuple[str, int]
+
+
+def fmt(addr: Optional[Addr]) -> Optional[str]:
+    return f"{addr[0]}:{addr[1]}" if addr else None
+
+
+def parse_addr(text: str) -> Addr:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not ip:port")
+    ipaddress.IPv4Address(host)
+    port_n = int(port)
+    if not 1 <= port_n <= 65535:
+        raise ValueError(f"port {port_n} out of range in {text!r}")
+    return host, port_n
+
+
+def parse_route(text: str) -> Tuple[Addr, List[Addr]]:
+    """'VIP:PORT=IP:PORT,IP:PORT' -> ((vip, port), [(ip, port), ...])."""
+    vip, sep, backends = text.partition("=")
+    if not sep or not backends.strip():
+        raise ValueError(f"route {text!r} must look like VIP:PORT=IP:PORT[,IP:PORT...]")
+    return parse_addr(vip), [parse_addr(b) for b in backends.split(",") if b.strip()]
+
+
+def original_dst(sock: socket.socket) -> Addr:
+    """The destination the client asked for, before REDIRECT / the eBPF rewrite."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack("!H", raw[2:4])[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+class ConnectionLog:
+    """One JSON object per line, flushed per line; safe to share between threads."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, entry: dict) -> None:
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        with self.lock:
+            self.stream.write(line)
+            self.stream.flush()
+
+
+class _Pipe:
+    """Kernel pipe for splice(2); one per direction, sized so a splice moves up to 1 MiB."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        try:
+            fcntl.fcntl(self.w, F_SETPIPE_SZ, BUFFER_SIZE)
+        except OSError:
+            pass  # pipe-max-size may be lower; the default 64 KiB still works
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
+
+
+_HAVE_SPLICE = hasattr(os, "splice")
+
+
+def _pump_splice(src: socket.socket, dst: socket.socket, count: list) -> None:
+    """Move bytes src -> dst through a kernel pipe until EOF; count[0] tracks bytes delivered."""
+    pipe = _Pipe()
+    try:
+        sfd, dfd = src.fileno(), dst.fileno()
+        while True:
+            n = os.splice(sfd, pipe.w, BUFFER_SIZE, flags=os.SPLICE_F_MOVE)
+            if n == 0:
+                return
+            while n:
+                m = os.splice(pipe.r, dfd, n, flags=os.SPLICE_F_MOVE)
+                n -= m
+                count[0] += m
+    finally:
+        pipe.close()
+
+
+def _pump_copy(src: socket.socket, dst: socket.socket, count: list) -> None:
+    buf = bytearray(256 * 1024)
+    view = memoryview(buf)
+    while True:
+        n = src.recv_into(buf)
+        if n == 0:
+            return
+        dst.sendall(view[:n])
+        count[0] += n
+
+
+class _Flow:
+    """One proxied connection: two directions, counters, and the first error seen."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket):
+        self.client = client
+        self.upstream = upstream
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.error: Optional[str] = None
+        self.aborted = False
+
+    def pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        moved = [0]
+        try:
+            if _HAVE_SPLICE:
+                try:
+                    _pump_splice(src, dst, moved)
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS) or moved[0]:
+                        raise
+                    _pump_copy(src, dst, moved)  # a socket type splice refuses
+            else:
+                _pump_copy(src, dst, moved)
+            # Half-close: the peer finished sending, tell the other side, keep the reverse open.
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        except OSError as exc:
+            if self.error is None and not self.aborted:
+                self.error = f"{'upstream' if not up else 'client'} {errno.errorcode.get(exc.errno, exc.errno)}"
+            self.abort()
+        finally:
+            if up:
+                self.bytes_up = moved[0]
+            else:
+                self.bytes_down = moved[0]
+
+    def abort(self) -> None:
+        """Wake the other direction's blocking splice and make the final close send RST."""
+        self.aborted = True
+        for sock in (self.client, self.upstream):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Sidecar:
+    def __init__(
+        self,
+        outbound_port: int = 15001,
+        inbound_port: int = 15003,
+        bind: str = "0.0.0.0",
+        inbound_target: str = "127.0.0.1",
+        routes: Optional[Dict[Addr, Sequence[Addr]]] = None,
+        log: Optional[ConnectionLog] = None,
+        connect_timeout: float = 5.0,
+    ):
+        self.ports = {"outbound": outbound_port, "inbound": inbound_port}
+        self.bind = bind
+        self.inbound_target = inbound_target
+        self.routes = {vip: list(b) for vip, b in (routes or {}).items()}
+        self._cursors = {vip: itertools.cycle(b) for vip, b in self.routes.items()}
+        self._route_lock = threading.Lock()
+        self.log = log or ConnectionLog(sys.stdout)
+        self.connect_timeout = connect_timeout
+        self.listeners: Dict[str, socket.socket] = {}
+        self._stop = threading.Event()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def listen(self) -> None:
+        for direction, port in self.ports.items():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.bind, port))
+            sock.listen(4096)
+            self.listeners[direction] = sock
+
+    def start(self) -> None:
+        if not self.listeners:
+            self.listen()
+        for direction, sock in self.listeners.items():
+            threading.Thread(target=self._accept_loop, args=(direction, sock), name=f"accept-{direction}", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for sock in self.listeners.values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept_loop(self, direction: str, lsock: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = lsock.accept()
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    time.sleep(0.05)  # out of descriptors: let connections drain instead of spinning
+                continue
+            try:
+                threading.Thread(target=self._handle, args=(direction, conn, peer), daemon=True).start()
+            except RuntimeError:
+                conn.close()  # cannot start a thread: refuse this one rather than die
+
+    # --- one connection -----------------------------------------------------------------
+    def _target(self, direction: str, orig: Addr) -> Tuple[Addr, Optional[str]]:
+        if direction == "inbound":
+            return (self.inbound_target, orig[1]), None
+        if orig in self._cursors:
+            with self._route_lock:
+                return next(self._cursors[orig]), fmt(orig)
+        return orig, None
+
+    def _loops(self, orig: Addr, local: Addr) -> bool:
+        """Would forwarding to orig reach one of our own listeners?"""
+        if orig == local:
+            return True
+        if orig[1] in self.ports.values():
+            ip = ipaddress.IPv4Address(orig[0])
+            return ip.is_loopback or ip.is_unspecified or orig[0] == local[0]
+        return False
+
+    def _handle(self, direction: str, conn: socket.socket, peer: Addr) -> None:
+        started = time.monotonic()
+        entry = {
+            "ts": round(time.time(), 6), "direction": direction, "peer": fmt(peer), "local": None,
+            "original_dst": None, "upstream": None, "upstream_local": None, "route": None,
+            "bytes_up": 0, "bytes_down": 0, "error": None,
+        }
+        upstream = None
+        try:
+            local = conn.getsockname()
+            entry["local"] = fmt(local)
+            try:
+                orig = original_dst(conn)
+            except OSError as exc:
+                entry["error"] = f"no original destination ({errno.errorcode.get(exc.errno, exc.errno)})"
+                return
+            entry["original_dst"] = fmt(orig)
+            if self._loops(orig, local):
+                entry["error"] = "original destination is this sidecar (would loop)"
+                return
+            target, route = self._target(direction, orig)
+            entry["route"] = route
+            entry["upstream"] = fmt(target)
+            try:
+                upstream = socket.create_connection(target, timeout=self.connect_timeout)
+            except OSError as exc:
+                code = errno.errorcode.get(exc.errno, None) if exc.errno else None
+                entry["error"] = f"connect {code or type(exc).__name__}"
+                return
+            upstream.settimeout(None)
+            entry["upstream_local"] = fmt(upstream.getsockname())
+            for sock in (conn, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            flow = _Flow(conn, upstream)
+            down = threading.Thread(target=flow.pump, args=(upstream, conn, False), daemon=True)
+            down.start()
+            flow.pump(conn, upstream, True)
+            down.join()
+            entry.update(bytes_up=flow.bytes_up, bytes_down=flow.bytes_down, error=flow.error)
+        except Exception as exc:  # noqa: BLE001 - one bad connection must not kill the sidecar
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if entry["error"] and upstream is None:
+                # Refuse loudly: a reset tells the client something is wrong, unlike a clean EOF.
+                try:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            conn.close()
+            if upstream is not None:
+                upstream.close()
+            entry["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+            self.log.write(entry)
+
+
+def drop_privileges(uid: int, gid: Optional[int] = None) -> None:
+    gid = uid if gid is None else gid
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m meshintercept.sidecar", description=__doc__.split("\n\n")[0])
+    p.add_argument("--outbound-port", type=int, default=15001)
+    p.add_argument("--inbound-port", type=int, default=15003)
+    p.add_argument("--bind", default="0.0.0.0", help="listen address (0.0.0.0 also covers 127.0.0.1)")
+    p.add_argument("--inbound-target", default="127.0.0.1", help="address of the app inbound traffic goes to")
+    p.add_argument("--route", action="append", default=[], metavar="VIP:PORT=IP:PORT[,IP:PORT]",
+                   help="send outbound traffic for a service address to these backends, round robin")
+    p.add_argument("--log", default="-", help="connection log file (JSON lines); '-' for stdout")
+    p.add_argument("--uid", type=int, help="drop to this UID after binding (the proxy UID, e.g. 1500)")
+    p.add_argument("--gid", type=int, help="drop to this GID (default: same as --uid)")
+    p.add_argument("--connect-timeout", type=float, default=5.0)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        routes = dict(parse_route(r) for r in args.route)
+    except ValueError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
+    stream = sys.stdout if args.log == "-" else open(args.log, "a", buffering=1)
+    sidecar = Sidecar(args.outbound_port, args.inbound_port, args.bind, args.inbound_target, routes,
+                      ConnectionLog(stream), args.connect_timeout)
+    try:
+        sidecar.listen()
+    except OSError as exc:
+        print(f"sidecar: cannot listen on {args.bind}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if args.uid is not None:
+        drop_privileges(args.uid, args.gid)
+    threading.stack_size(512 * 1024)  # many connections x two threads each
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    sidecar.start()
+    print(f"sidecar: listening outbound {args.bind}:{args.outbound_port} inbound {args.bind}:{args.inbound_port}"
+          f" as uid {os.getuid()}", file=sys.stderr, flush=True)
+    while not done.wait(3600):
+        pass
+    sidecar.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Tiny TCP apps that run inside test pods: a server that says who it is, and clients.
+
+Stdlib only: these run as ordinary UIDs inside pod namespaces, started by
+`meshintercept.testing.cluster.Pod`.
+
+Server protocol (mode ``hello``, the default), one connection:
+  1. the server sends a greeting at once: one JSON line naming the pod, the local port and
+     address, and the peer address it sees (``reply`` replaces it with a fixed text,
+     where ``{pod} {port} {local} {peer}`` are filled in);
+  2. if the client's first line is ``BULK <n>``, the server sends n random bytes while it
+     reads the client's bytes until EOF (both ways at once), then a trailer line;
+     otherwise it reads until EOF and sends the trailer line;
+  3. trailer: ``{"received": n, "received_sha256": h, "sent": n, "sent_sha256": h}``; close
+     (with a fixed ``reply`` and no BULK, no trailer: the reply is the whole answer).
+Mode ``http`` answers every HTTP/1.x request with ``200`` and the reply text as body.
+
+Clients print one JSON document on stdout, which the harness parses:
+  connect:  {"ok", "local", "peer", "data_b64"} or {"ok": false, "error": "ECONNREFUSED", ...}
+  many:     {"ok": n, "failed": n, "errors": {...}, "greetings": {pod: n}}
+  transfer: {"ok", "local", "sent", "sent_sha256", "received", "received_sha256", "server": trailer}
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import errno
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+CHUNK = 256 * 1024
+
+
+def fmt(addr) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+def error_name(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout):
+        return "TIMEOUT"
+    if isinstance(exc, OSError) and exc.errno:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return type(exc).__name__
+
+
+# --- server ------------------------------------------------------------------------------
+class _Hasher:
+    def __init__(self):
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def add(self, data) -> None:
+        self.sha.update(data)
+        self.count += len(data)
+
+
+def send_random(sock: socket.socket, total: int, hasher: _Hasher) -> None:
+    """Send `total` fresh random bytes (not a repeated block, so reordering would show)."""
+    left = total
+    while left:
+        chunk = os.urandom(min(CHUNK, left))
+        sock.sendall(chunk)
+        hasher.add(chunk)
+        left -= len(chunk)
+
+
+def _serve_hello(conn: socket.socket, name: str, reply: str | None) -> None:
+    local, peer = conn.getsockname(), conn.getpeername()
+    if reply is None:
+        greeting = json.dumps({"pod": name, "port": local[1], "local": fmt(local), "peer": fmt(peer)}) + "\n"
+    else:
+        greeting = reply.format(pod=name, port=local[1], local=fmt(local), peer=fmt(peer))
+    conn.sendall(greeting.encode())
+    reader = conn.makefile("rb", buffering=CHUNK)
+    received, sent = _Hasher(), _Hasher()
+    first = reader.readline(256)
+    sender = None
+    if first.startswith(b"BULK "):
+        want = int(first.split()[1])
+        sender = threading.Thread(target=send_random, args=(conn, want, sent), daemon=True)
+        sender.start()
+    else:
+        received.add(first)
+    while True:
+        data = reader.read1(CHUNK)
+        if not data:
+            break
+        received.add(data)
+    if sender is not None:
+        sender.join()
+    elif reply is not None:
+        return  # a fixed reply (the demo's "Hi, I am ...") is the whole answer
+    trailer = {"received": received.count, "received_sha256": received.sha.hexdigest(),
+               "sent": sent.count, "sent_sha256": sent.sha.hexdigest()}
+    conn.sendall((json.dumps(trailer) + "\n").encode())
+
+
+def _serve_http(conn: socket.socket, name: str, reply: str | None) -> None:
+    reader = conn.makefile("rb")
+    while True:
+        request = reader.readline(65536)
+        if not request:
+            return
+        keep_alive = request.rstrip().endswith(b"HTTP/1.1")
+        while True:
+            header = reader.readline(65536)
+            if header in (b"\r\n", b"\n", b""):
+                break
+            if header.lower().startswith(b"connection:"):
+                keep_alive = b"keep-alive" in header.lower()
+        local, peer = conn.getsockname(), conn.getpeername()
+        text = (reply or "Hi, I am {pod} !\n").format(pod=name, port=local[1], local=fmt(local), peer=fmt(peer))
+        body = text.encode()
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: {'keep-alive' if keep_alive else 'close'}\r\nX-Pod: {name}\r\n\r\n")
+        conn.sendall(head.encode() + body)
+        if not keep_alive:
+            return
+
+
+def _serve_conn(conn: socket.socket, mode: str, name: str, reply: str | None) -> None:
+    try:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        (_serve_http if mode == "http" else _serve_hello)(conn, name, reply)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def serve(ports, name: str, mode: str = "hello", reply: str | None = None, bind: str = "0.0.0.0") -> None:
+    listeners = []
+    for port in ports:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind, port))
+        sock.listen(1024)
+        listeners.append(sock)
+
+    def accept_loop(lsock):
+        while True:
+            conn, _ = lsock.accept()
+            threading.Thread(target=_serve_conn, args=(conn, mode, name, reply), daemon=True).start()
+
+    threading.stack_size(512 * 1024)
+    for sock in listeners:
+        threading.Thread(target=accept_loop, args=(sock,), daemon=True).start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    while not done.wait(3600):
+        pass
+
+
+# --- clients -----------------------------------------------------------------------------
+def _read_all(sock: socket.socket) -> bytes:
+    parts = []
+    while True:
+        data = sock.recv(CHUNK)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+
+
+def connect_once(host: str, port: int, send: bytes = b"", timeout: float = 5.0) -> dict:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    result = {"ok": False, "local": None, "peer": None}
+    try:
+        sock.connect((host, port))
+        result["local"] = fmt(sock.getsockname())
+        result["peer"] = fmt(sock.getpeername())
+        if send:
+            sock.sendall(send)
+        sock.shutdown(socket.SHUT_WR)
+        data = _read_all(sock)
+        result.update(ok=True, data_b64=base64.b64encode(data).decode())
+    except (OSError, socket.timeout) as exc:
+        result.update(error=error_name(exc), message=str(exc))
+    finally:
+        sock.close()
+    return result
+
+
+def connect_many(host: str, port: int, count: int, parallel: int, timeout: float) -> dict:
+    summary = {"ok": 0, "failed": 0, "errors": {}, "greetings": {}}
+    lock = threading.Lock()
+
+    def one(_):
+        r = connect_once(host, port, b"ping", timeout)
+        with lock:
+            if r["ok"]:
+                data = base64.b64decode(r["data_b64"])
+                try:
+                    pod = json.loads(data.split(b"\n", 1)[0])["pod"]
+                except (ValueError, KeyError, TypeError):
+                    pod = "?"
+                summary["ok"] += 1
+                summary["greetings"][pod] = summary["greetings"].get(pod, 0) + 1
+            else:
+                summary["failed"] += 1
+                summary["errors"][r["error"]] = summary["errors"].get(r["error"], 0) + 1
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(one, range(count)))
+    return summary
+
+
+def transfer(host: str, port: int, up: int, down: int, timeout: float) -> dict:
+    """Push `up` random bytes while receiving `down`; report hashes of both ends."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    result = {"ok": False, "local": fmt(sock.getsockname())}
+    sent, received = _Hasher(), _Hasher()
+    started = time.monotonic()
+    try:
+        reader = sock.makefile("rb", buffering=CHUNK)
+        result["greeting"] = json.loads(reader.readline())
+        sock.sendall(f"BULK {down}\n".encode())
+
+        def push():
+            send_random(sock, up, sent)
+            sock.shutdown(socket.SHUT_WR)
+
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
+        left = down
+        while left:
+            data = reader.read1(min(CHUNK, left))
+            if not data:
+                break
+            received.add(data)
+            left -= len(data)
+        result["server"] = json.loads(reader.readline() or b"null")
+        pusher.join()
+        result["ok"] = True
+    except (OSError, ValueError) as exc:
+        result.update(error=error_name(exc), message=str(exc))
+    finally:
+        sock.close()
+    result.update(sent=sent.count, sent_sha256=sent.sha.hexdigest(), received=received.count,
+                  received_sha256=received.sha.hexdigest(), seconds=round(time.monotonic() - started, 3))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m meshintercept.testing.apps")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, action="append", required=True)
+    s.add_argument("--name", required=True)
+    s.add_argument("--mode", choices=("hello", "http"), default="hello")
+    s.add_argument("--reply")
+    s.add_argument("--bind", default="0.0.0.0")
+    for name in ("connect", "many", "transfer"):
+        c = sub.add_parser(name)
+        c.add_argument("--host", required=True)
+        c.add_argument("--port", type=int, required=True)
+        c.add_argument("--timeout", type=float, default=5.0)
+        if name == "connect":
+            c.add_argument("--send-b64", default="")
+        if name == "many":
+            c.add_argument("--count", type=int, default=100)
+            c.add_argument("--parallel", type=int, default=20)
+        if name == "transfer":
+            c.add_argument("--up", type=int, default=20 << 20)
+            c.add_argument("--down", type=int, default=20 << 20)
+    args = p.parse_args(argv)
+    if args.cmd == "serve":
+        serve(args.port, args.name, args.mode, args.reply, args.bind)
+        return 0
+    if args.cmd == "connect":
+        out = connect_once(args.host, args.port, base64.b64decode(args.send_b64), args.timeout)
+    elif args.cmd == "many":
+        out = connect_many(args.host, args.port, args.count, args.parallel, args.timeout)
+    else:
+        out = transfer(args.host, args.port, args.up, args.down, args.timeout)
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

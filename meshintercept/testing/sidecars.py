@@ -1,0 +1,226 @@
+"""Run a transparent sidecar in a test pod: the project's own, or HAProxy from Debian.
+
+Both run as the proxy UID, listen on the spec's outbound and inbound ports, learn the
+original destination with ``getsockopt(SO_ORIGINAL_DST)`` and write one log line per
+connection. `Sidecar.connections()` turns either log into the same normalised entries:
+
+    {"kind", "direction": "outbound"|"inbound", "peer": "ip:port",
+     "original_dst": "ip:port", "upstream": "ip:port", "upstream_local": "ip:port",
+     "bytes_up": n (client -> upstream), "bytes_down": n, "error": None|str, "raw": {...}}
+
+HAProxy: ``server x 0.0.0.0`` (no port) connects to the original destination and
+``server app 127.0.0.1`` (no port) to the original port on loopback. HAProxy reads the
+original destination with SO_ORIGINAL_DST on the accepted socket, which is what its
+``%fi:%fp`` (frontend address) log variables show — checked on this machine with a REDIRECT
+rule, see tests/test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+
+from meshintercept.spec import InterceptSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from meshintercept.testing.cluster import Pod
+
+KINDS = ("project", "haproxy")
+Routes = Dict[str, Sequence[str]]  # {"10.231.200.1:8080": ["10.231.1.3:8080", ...]}
+
+# JSON on one line per connection; %fi:%fp is the frontend address HAProxy got from
+# SO_ORIGINAL_DST, %si:%sp the server it really connected to, %bi:%bp its source.
+HAPROXY_LOG_FORMAT = (
+    '{"ci":"%ci","cp":%cp,"fi":"%fi","fp":%fp,"bi":"%bi","bp":"%bp","si":"%si","sp":"%sp",'
+    '"f":"%f","b":"%b","s":"%s","B":%B,"U":%U,"ts":"%ts","Tt":%Tt}'
+)
+
+
+def haproxy_config(outbound_port: int = 15001, inbound_port: int = 15003, inbound_target: str = "127.0.0.1",
+                   routes: Optional[Routes] = None, maxconn: int = 4096, log: bool = True,
+                   bind: str = "") -> str:
+    """A transparent HAProxy sidecar: outbound to the original destination, inbound to the app."""
+    esc = HAPROXY_LOG_FORMAT.replace('"', '\\"')
+    lines = [
+        "global",
+        f"    maxconn {maxconn}",
+        "    log stdout format raw local0 info" if log else "    # connection log off",
+        "defaults",
+        "    mode tcp",
+        "    log global" if log else "",
+        f'    log-format "{esc}"' if log else "",
+        "    timeout connect 5s",
+        "    timeout client 10m",
+        "    timeout server 10m",
+        "frontend outbound",
+        f"    bind {bind}:{outbound_port}",
+        # A connection that was not redirected has itself as original destination: refuse
+        # it instead of connecting to ourselves over and over (the project sidecar does the same).
+        f"    tcp-request connection reject if {{ dst_port {outbound_port} }} || {{ dst_port {inbound_port} }}",
+    ]
+    route_backends = []
+    for i, (vip, backends) in enumerate(sorted((routes or {}).items())):
+        ip, port = vip.rsplit(":", 1)
+        lines.append(f"    use_backend route_{i} if {{ dst {ip} }} {{ dst_port {port} }}")
+        route_backends += ["", f"backend route_{i}", "    balance roundrobin"]
+        route_backends += [f"    server b{j} {addr}" for j, addr in enumerate(backends)]
+    lines += [
+        "    default_backend original_destination",
+        "backend original_destination",
+        "    server original 0.0.0.0",
+        "frontend inbound",
+        f"    bind {bind}:{inbound_port}",
+        f"    tcp-request connection reject if {{ dst_port {outbound_port} }} || {{ dst_port {inbound_port} }}",
+        "    default_backend local_app",
+        "backend local_app",
+        f"    server app {inbound_target}",
+    ]
+    return "\n".join(line for line in lines + route_backends if line != "") + "\n"
+
+
+def _normalise_project(raw: dict) -> dict:
+    entry = {k: raw.get(k) for k in ("direction", "peer", "local", "original_dst", "upstream", "upstream_local",
+                                     "route", "bytes_up", "bytes_down", "error")}
+    entry.update(kind="project", raw=raw)
+    return entry
+
+
+def _normalise_haproxy(raw: dict) -> dict:
+    def addr(ip_key, port_key):
+        ip, port = raw.get(ip_key), raw.get(port_key)
+        return None if ip in (None, "", "-") or port in (None, "", "-") else f"{ip}:{port}"
+
+    backend = raw.get("b", "")
+    return {
+        "kind": "haproxy",
+        "direction": "inbound" if raw.get("f") == "inbound" else "outbound",
+        "peer": addr("ci", "cp"),
+        "local": None,  # HAProxy logs the original destination as the frontend address
+        "original_dst": addr("fi", "fp"),
+        "upstream": addr("si", "sp"),
+        "upstream_local": addr("bi", "bp"),
+        "route": backend if backend.startswith("route_") else None,
+        "bytes_up": raw.get("U"),
+        "bytes_down": raw.get("B"),
+        "error": None if raw.get("ts") == "--" else raw.get("ts"),
+        "raw": raw,
+    }
+
+
+class Sidecar:
+    """A running sidecar in a pod; `connections()` reads its log as normalised entries."""
+
+    def __init__(self, kind: str, pod: "Pod", spec: InterceptSpec, process: subprocess.Popen,
+                 log_path: str, stderr_path: str, config_path: Optional[str] = None):
+        self.kind = kind
+        self.pod = pod
+        self.spec = spec
+        self.process = process
+        self.log_path = log_path
+        self.stderr_path = stderr_path
+        self.config_path = config_path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def connections(self, since: int = 0) -> List[dict]:
+        """Entries logged so far (connections that have ended), oldest first."""
+        normalise = _normalise_project if self.kind == "project" else _normalise_haproxy
+        out = []
+        try:
+            with open(self.log_path) as f:
+                for line in f:
+                    line = line.strip()
+                    if not line.startswith("{"):
+                        continue  # HAProxy's own start-up notices share the stream
+                    try:
+                        out.append(normalise(json.loads(line)))
+                    except ValueError:
+                        continue  # a line being written right now
+        except FileNotFoundError:
+            pass
+        return out[since:]
+
+    def mark(self) -> int:
+        """Position to pass as ``since`` so later calls only see newer connections."""
+        return len(self.connections())
+
+    def wait_for(self, predicate: Optional[Callable[[dict], bool]] = None, since: int = 0, count: int = 1,
+                 timeout: float = 5.0) -> List[dict]:
+        """Wait until `count` entries (matching `predicate`) are logged; return them all.
+
+        A sidecar logs a connection when it ends, a moment after the client saw EOF.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.connections(since) if predicate is None or predicate(e)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    def stderr(self) -> str:
+        try:
+            with open(self.stderr_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 3.0) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __repr__(self) -> str:
+        return f"<Sidecar {self.kind} in {self.pod.name} pid={self.process.pid}>"
+
+
+def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpec] = None,
+                  routes: Optional[Routes] = None, inbound_target: str = "127.0.0.1",
+                  timeout: float = 10.0) -> Sidecar:
+    if kind not in KINDS:
+        raise ValueError(f"unknown sidecar kind {kind!r}; use one of {', '.join(KINDS)}")
+    spec = spec or InterceptSpec()
+    base = os.path.join(pod.cluster.workdir, f"sidecar-{pod.name}-{kind}-{time.monotonic_ns()}")
+    log_path, stderr_path = base + ".log", base + ".stderr"
+    config_path = None
+    with open(stderr_path, "wb") as err:
+        if kind == "project":
+            argv = [sys.executable, "-m", "meshintercept.sidecar", "--outbound-port", str(spec.outbound_port),
+                    "--inbound-port", str(spec.inbound_port), "--inbound-target", inbound_target, "--log", log_path]
+            for vip, backends in (routes or {}).items():
+                argv += ["--route", f"{vip}={','.join(backends)}"]
+            # Opened here so the file exists (and is ours) before the sidecar drops to the proxy UID.
+            open(log_path, "a").close()
+            os.chown(log_path, spec.proxy_uid, spec.proxy_uid)
+            process = pod.spawn(argv, uid=spec.proxy_uid, stdout=subprocess.DEVNULL, stderr=err)
+        else:
+            haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+            config_path = base + ".cfg"
+            with open(config_path, "w") as f:
+                f.write(haproxy_config(spec.outbound_port, spec.inbound_port, inbound_target, routes))
+            with open(log_path, "ab") as out:
+                process = pod.spawn([haproxy, "-db", "-f", config_path], uid=spec.proxy_uid, stdout=out, stderr=err)
+    sidecar = Sidecar(kind, pod, spec, process, log_path, stderr_path, config_path)
+    try:
+        pod.wait_listening(process, (spec.outbound_port, spec.inbound_port), timeout)
+    except Exception as exc:
+        sidecar.stop()
+        raise type(exc)(f"{exc}; {kind} sidecar stderr: {sidecar.stderr().strip()[-2000:]}") from None
+    return sidecar
