@@ -1,0 +1,211 @@
+"""Facts around the iptables backend: what else is in a namespace, which iptables the node
+uses, and a self-test that proves the legacy nat table really redirects on this kernel.
+
+Reports, never changes: python-iptables writes the *legacy* tables, while Debian 12 and most
+current distributions point ``iptables`` at the nft variant. Rules written with
+``iptables-nft`` (or native nftables) live beside ours, in hooks we do not see, and another
+mesh's REDIRECT rules take connections before or after ours. Neither is an error for us to
+fix, but a user staring at ``iptables -t nat -L`` and seeing nothing deserves to be told.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+from typing import List, Optional
+
+from meshintercept.backends import iptables_rules as model
+from meshintercept.backends import iptables_table as table
+from meshintercept.netns import Netns, run_forked
+
+SOL_IP = 0
+SO_ORIGINAL_DST = 80
+CLONE_NEWNET = 0x40000000
+NFT_REDIRECT_KEYS = ("redirect", "tproxy")
+#: Lower-case chain names native-nftables meshes use (Istio's istio-inbound, ...).
+NFT_MESH_PREFIXES = tuple(p.lower() for p in model.FOREIGN_MESH_PREFIXES) + ("istio-", "kuma-", "linkerd-")
+
+
+def _run(argv: List[str], timeout: float = 10) -> Optional[subprocess.CompletedProcess]:
+    if not shutil.which(argv[0]):
+        return None
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+# --- what is in one namespace (run these inside it) -----------------------------------------
+def foreign_redirects(live: table.LiveTable) -> List[str]:
+    """Rules we did not add that redirect traffic or belong to another mesh, as save lines."""
+    out = []
+    for rule in live.rules:
+        if rule.ours:
+            continue
+        if (rule.target in model.REDIRECTING_TARGETS or model.is_foreign_mesh_chain(rule.chain)
+                or model.is_foreign_mesh_chain(rule.target)):
+            out.append(rule.line)
+    return out
+
+
+def nft_facts() -> dict:
+    """Whether the current namespace holds nftables rules (iptables-nft's included).
+
+    ``nft -j list ruleset`` is the authority; without the nft binary, ``iptables-nft-save``
+    still sees the tables iptables-nft made. ``None`` means neither tool could tell.
+    """
+    proc = _run(["nft", "-j", "list", "ruleset"])
+    if proc is not None and proc.returncode == 0:
+        try:
+            items = json.loads(proc.stdout or "{}").get("nftables", [])
+        except ValueError:
+            items = []
+        rules = [i["rule"] for i in items if "rule" in i]
+        tables = [f"{i['table']['family']} {i['table']['name']}" for i in items if "table" in i]
+        redirects = []
+        for rule in rules:
+            what = _nft_redirect_kind(rule)
+            if what or str(rule.get("chain", "")).lower().startswith(NFT_MESH_PREFIXES):
+                redirects.append(f"nft {rule.get('family')} {rule.get('table')} {rule.get('chain')}: "
+                                 f"{what or 'rule'} (handle {rule.get('handle')})")
+        return {"nft_rules_present": bool(rules), "nft_rules": len(rules), "nft_tables": tables,
+                "nft_redirects": redirects, "nft_checked_with": "nft"}
+    proc = _run(["iptables-nft-save"])
+    if proc is not None and proc.returncode == 0:
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("-A ")]
+        redirects = [f"nft (iptables-nft) {l}" for l in lines
+                     if re.search(r"-j (REDIRECT|TPROXY)\b", l) or re.match(r"-A (%s)" % "|".join(model.FOREIGN_MESH_PREFIXES), l)]
+        tables = [l[1:] for l in proc.stdout.splitlines() if l.startswith("*")]
+        return {"nft_rules_present": bool(lines), "nft_rules": len(lines), "nft_tables": tables,
+                "nft_redirects": redirects, "nft_checked_with": "iptables-nft-save"}
+    return {"nft_rules_present": None, "nft_rules": None, "nft_tables": [], "nft_redirects": [],
+            "nft_checked_with": None}
+
+
+def _nft_redirect_kind(rule: dict) -> Optional[str]:
+    for expr in rule.get("expr", []):
+        for key in NFT_REDIRECT_KEYS:
+            if key in expr:
+                return key
+        xt = expr.get("xt") if isinstance(expr, dict) else None
+        if xt and xt.get("type") == "target" and xt.get("name") in model.REDIRECTING_TARGETS:
+            return xt["name"]
+    return None
+
+
+def namespace_facts() -> dict:
+    """Everything status needs about the current namespace, in one pass, changing nothing."""
+    live = table.read_table()
+    facts = {"nat_table_exists": live.exists, "live": live, "foreign_redirects": foreign_redirects(live)}
+    facts.update(nft_facts())
+    facts["foreign_redirects"] = facts["foreign_redirects"] + facts["nft_redirects"]
+    return facts
+
+
+def namespace_conflicts(netns: Netns) -> dict:
+    """For doctor/status: does a managed namespace hold nft rules or other redirect rules?
+
+    Returns ``{"nft_rules_present": bool|None, "nft_rules": int|None, "foreign_redirects": [...],
+    "warnings": [...]}``; ``warnings`` holds ready-to-print sentences (empty when clean).
+    """
+    facts = netns.run(namespace_facts)
+    facts.pop("live", None)
+    facts["warnings"] = warnings_for(netns.name, facts)
+    return facts
+
+
+def warnings_for(name: str, facts: dict) -> List[str]:
+    out = []
+    if facts.get("nft_rules_present"):
+        out.append(
+            f"namespace {name} holds {facts['nft_rules']} nftables rule(s) (tables: {', '.join(facts['nft_tables'])}); "
+            "meshintercept's rules are in the legacy iptables tables, so 'iptables'/'nft' show only the others — "
+            "use 'iptables-legacy-save -t nat' to see ours, and check the nft rules do not NAT the same traffic."
+        )
+    if facts.get("foreign_redirects"):
+        out.append(
+            f"namespace {name} holds {len(facts['foreign_redirects'])} redirect rule(s) meshintercept did not add "
+            f"(first: {facts['foreign_redirects'][0]}); another mesh or tool may take the same connections."
+        )
+    return out
+
+
+# --- node-wide -----------------------------------------------------------------------------
+def iptables_variant() -> dict:
+    """Which variant plain ``iptables`` runs: ``{"variant": "nf_tables"|"legacy"|None, ...}``."""
+    proc = _run(["iptables", "-V"])
+    if proc is None:
+        return {"variant": None, "version": None, "text": "iptables not found on PATH"}
+    text = (proc.stdout or proc.stderr).strip()
+    m = re.search(r"v(\d[\w.]*)(?:\s+\((\w+)\))?", text)
+    version = m.group(1) if m else None
+    variant = (m.group(2) if m and m.group(2) else "legacy") if m else None
+    return {"variant": variant, "version": version, "text": text}
+
+
+# --- self-test in a throwaway namespace --------------------------------------------------------
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def original_dst(sock: socket.socket):
+    """The destination a redirected connection had before NAT: (ip, port)."""
+    raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), port
+
+
+def self_test(spec) -> dict:
+    """Apply the real rules in a new, private namespace and push one connection through them.
+
+    The namespace exists only while a forked child lives (unshare), holds one veth pair with
+    an address from 10.231.0.0/16 and no route anywhere else, and vanishes with the child.
+    """
+    return run_forked(_self_test_inside, spec)
+
+
+def _self_test_inside(spec) -> dict:
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        ipr.link("add", ifname="mi-st0", kind="veth", peer="mi-st1")
+        idx = ipr.link_lookup(ifname="mi-st0")[0]
+        ipr.addr("add", index=idx, address="10.231.255.1", prefixlen=30)
+        ipr.link("set", index=idx, state="up")
+        ipr.link("set", index=ipr.link_lookup(ifname="mi-st1")[0], state="up")
+
+    ruleset = model.build(spec)
+    table.apply(ruleset, "a throwaway namespace")
+    live = table.read_table()
+    result = {"rules_match_plan": live.our_lines() == ruleset.lines(), "redirected_to": None, "original_dst": None}
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", spec.outbound_port))
+    server.listen(1)
+    server.settimeout(3)
+    client = socket.socket()
+    client.settimeout(3)
+    try:
+        client.connect(("10.231.255.2", 1404))  # TEST address, unreachable unless redirected
+        conn, _ = server.accept()
+        result["redirected_to"] = conn.getsockname()[1]
+        ip, port = original_dst(conn)
+        result["original_dst"] = f"{ip}:{port}"
+        conn.close()
+    except OSError as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+        server.close()
+    return result

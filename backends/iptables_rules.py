@@ -1,0 +1,224 @@
+"""The iptables backend's rules as plain data: what we put in a namespace's nat table.
+
+One model feeds both the dry run (rendered as an ``iptables-save`` / ``iptables-restore
+--noflush`` document) and the apply step (turned into python-iptables objects), so what
+``--dry-run`` prints is, line for line, what ``iptables-legacy-save -t nat`` shows afterwards.
+Nothing here touches the kernel.
+
+Layout (all TCP; every rule carries a ``meshintercept:`` comment)::
+
+    PREROUTING -> MI_INBOUND:  proxy ports RETURN, excluded ports RETURN,
+                               (included ports | everything) -> MI_IN_REDIRECT
+    OUTPUT     -> MI_OUTPUT:   proxy UID RETURN, 127.0.0.0/8 RETURN, excluded CIDRs and
+                               ports RETURN, -o lo -> MI_INBOUND, -o lo RETURN,
+                               everything else -> MI_OUT_REDIRECT
+    MI_IN_REDIRECT:  REDIRECT --to-ports <inbound port>
+    MI_OUT_REDIRECT: REDIRECT --to-ports <outbound port>
+
+The app calling its own pod address (hairpin, leaves through ``lo``) is sent through
+MI_INBOUND, i.e. to the proxy's *inbound* port with the same include/exclude rules as
+traffic from outside. Istio and OSM instead send it through the outbound proxy and then
+catch the *proxy UID's* ``-o lo`` connection into the inbound port; that only works when
+the sidecar forwards inbound traffic from a marker source (Istio binds 127.0.0.6). A plain
+transparent sidecar (HAProxy ``server x 0.0.0.0``) forwards inbound connections to the pod
+address as the proxy UID, which that rule would redirect again, forever. Here the proxy
+UID's traffic is always left alone, so no sidecar can loop; the price is that the outbound
+proxy picking its own pod as an endpoint reaches the app directly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from meshintercept.spec import InterceptSpec
+
+TABLE = "nat"
+PREFIX = "MI_"
+COMMENT_PREFIX = "meshintercept:"
+
+INBOUND = "MI_INBOUND"
+IN_REDIRECT = "MI_IN_REDIRECT"
+OUTPUT = "MI_OUTPUT"
+OUT_REDIRECT = "MI_OUT_REDIRECT"
+#: Every chain this backend owns. A later layout that renames a chain keeps the old name
+#: here so disable still removes what an older version added.
+OWN_CHAINS = frozenset({INBOUND, IN_REDIRECT, OUTPUT, OUT_REDIRECT})
+BUILTIN_CHAINS = ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
+
+#: The kernel's multiport match takes at most 15 ports per rule.
+MULTIPORT_LIMIT = 15
+
+#: Chain-name prefixes of other meshes' interception (Istio, Linkerd, OSM, Kuma, and the
+#: older names some of them used).
+FOREIGN_MESH_PREFIXES = ("ISTIO_", "PROXY_INIT_", "PROXY_", "OSM_", "KUMA_", "MESH_")
+REDIRECTING_TARGETS = ("REDIRECT", "TPROXY")
+SAFE_COMMENT = re.compile(r"[A-Za-z0-9 .,:/()_-]*")
+
+
+@dataclass(frozen=True)
+class Match:
+    """One ``-m NAME [!] --OPTION VALUE`` clause."""
+
+    name: str
+    option: str
+    value: str
+    invert: bool = False
+
+    def save(self) -> str:
+        value = quote(self.value) if self.name == "comment" else self.value
+        return f"-m {self.name} {'! ' if self.invert else ''}--{self.option} {value}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule, with fields in the order ``iptables-save`` prints them."""
+
+    chain: str
+    target: str
+    comment: str
+    protocol: str = "tcp"
+    dst: Optional[str] = None  # canonical "a.b.c.d/len"
+    out_iface: Optional[str] = None
+    matches: Tuple[Match, ...] = ()
+    #: REDIRECT's --to-ports; None for jumps and RETURN.
+    to_ports: Optional[int] = None
+
+    def __post_init__(self):
+        # python-iptables escapes quotes and backslashes on the way in, so a comment using
+        # them would not read back as written; the kernel caps comments at 256 bytes.
+        text = f"{COMMENT_PREFIX} {self.comment}"
+        if not SAFE_COMMENT.fullmatch(text) or len(text) > 255:
+            raise ValueError(f"comment {text!r} must be under 256 characters of [A-Za-z0-9 .,:/()_-]")
+
+    @property
+    def all_matches(self) -> Tuple[Match, ...]:
+        return self.matches + (Match("comment", "comment", f"{COMMENT_PREFIX} {self.comment}"),)
+
+    def save(self) -> str:
+        parts = [f"-A {self.chain}"]
+        if self.dst:
+            parts.append(f"-d {self.dst}")
+        if self.out_iface:
+            parts.append(f"-o {self.out_iface}")
+        if self.protocol:
+            parts.append(f"-p {self.protocol}")
+        parts.extend(m.save() for m in self.all_matches)
+        parts.append(f"-j {self.target}")
+        if self.to_ports is not None:
+            parts.append(f"--to-ports {self.to_ports}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Our chains and rules for one spec, in ``iptables-save`` order."""
+
+    chains: Tuple[str, ...]
+    rules: Tuple[Rule, ...]
+
+    def chain_rules(self, chain: str) -> List[Rule]:
+        return [r for r in self.rules if r.chain == chain]
+
+    @property
+    def jumps(self) -> List[Rule]:
+        """Our rules in built-in chains (the only ones outside our own chains)."""
+        return [r for r in self.rules if r.chain in BUILTIN_CHAINS]
+
+    def lines(self) -> List[str]:
+        """Chain declarations and rules exactly as ``iptables-legacy-save -t nat`` prints ours."""
+        return [chain_declaration(c) for c in self.chains] + [r.save() for r in self.rules]
+
+    def render(self, header: Sequence[str] = ()) -> str:
+        """A complete document; ``iptables-legacy-restore --noflush`` accepts it as is."""
+        out = [f"# {line}" for line in header]
+        out.append(f"*{TABLE}")
+        out.extend(self.lines())
+        out.append("COMMIT")
+        return "\n".join(out) + "\n"
+
+
+def chain_declaration(chain: str) -> str:
+    return f":{chain} - [0:0]"
+
+
+def quote(text: str) -> str:
+    """Quote the way iptables-save quotes comment text."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def is_own_comment(comment: Optional[str]) -> bool:
+    return bool(comment) and comment.startswith(COMMENT_PREFIX)
+
+
+def port_matches(ports: Iterable[int]) -> List[Match]:
+    """One match per chunk of at most 15 ports; a single port uses the plain tcp match."""
+    ports = sorted(set(ports))
+    chunks = [ports[i:i + MULTIPORT_LIMIT] for i in range(0, len(ports), MULTIPORT_LIMIT)]
+    out = []
+    for chunk in chunks:
+        if len(chunk) == 1:
+            out.append(Match("tcp", "dport", str(chunk[0])))
+        else:
+            out.append(Match("multiport", "dports", ",".join(str(p) for p in chunk)))
+    return out
+
+
+def _ports_phrase(match: Match) -> str:
+    ports = match.value.split(",")
+    if len(ports) == 1:
+        return f"port {ports[0]} goes"
+    return "ports " + ", ".join(ports) + " go"
+
+
+def build(spec: InterceptSpec) -> Ruleset:
+    """The complete rule set for a spec. Pure: same spec, same rules, same order."""
+    proxy_ports = set(spec.proxy_ports)
+    rules: List[Rule] = [
+        Rule("PREROUTING", INBOUND, "inbound TCP is checked by MI_INBOUND"),
+        Rule("OUTPUT", OUTPUT, "outbound TCP is checked by MI_OUTPUT"),
+    ]
+
+    # Inbound. Reached from PREROUTING and (hairpin) from OUTPUT, so it must only use
+    # matches valid in both hooks: no owner match here, or the kernel refuses the table.
+    rules.append(Rule(INBOUND, "RETURN", "the proxy outbound port is never redirected",
+                      matches=(Match("tcp", "dport", str(spec.outbound_port)),)))
+    rules.append(Rule(INBOUND, "RETURN", "the proxy inbound port is never redirected",
+                      matches=(Match("tcp", "dport", str(spec.inbound_port)),)))
+    for m in port_matches(set(spec.exclude_inbound_ports) - proxy_ports):
+        rules.append(Rule(INBOUND, "RETURN", f"excluded inbound {_ports_phrase(m)} direct", matches=(m,)))
+    included = set(spec.include_inbound_ports) - proxy_ports
+    if spec.include_inbound_ports:
+        # An include list made only of proxy ports redirects nothing, as the spec says.
+        for m in port_matches(included):
+            rules.append(Rule(INBOUND, IN_REDIRECT, f"included inbound {_ports_phrase(m)} to the proxy",
+                              matches=(m,)))
+    else:
+        rules.append(Rule(INBOUND, IN_REDIRECT, "all other inbound TCP goes to the proxy"))
+    rules.append(Rule(IN_REDIRECT, "REDIRECT", "to the proxy inbound port", to_ports=spec.inbound_port))
+
+    # Outbound.
+    rules.append(Rule(OUTPUT, "RETURN", f"connections of the proxy (uid {spec.proxy_uid}) go direct",
+                      matches=(Match("owner", "uid-owner", str(spec.proxy_uid)),)))
+    rules.append(Rule(OUTPUT, "RETURN", "loopback destinations go direct", dst="127.0.0.0/8"))
+    for net in spec.exclude_outbound_cidrs:
+        # iptables-save omits a /0 destination (it matches everything), so we do too.
+        dst = str(net) if net.prefixlen else None
+        rules.append(Rule(OUTPUT, "RETURN", f"excluded outbound CIDR {net} goes direct", dst=dst))
+    for m in port_matches(spec.exclude_outbound_ports):
+        rules.append(Rule(OUTPUT, "RETURN", f"excluded outbound {_ports_phrase(m)} direct", matches=(m,)))
+    rules.append(Rule(OUTPUT, INBOUND, "the app calling its own pod address is inbound traffic", out_iface="lo"))
+    rules.append(Rule(OUTPUT, "RETURN", "other local traffic goes direct", out_iface="lo"))
+    rules.append(Rule(OUTPUT, OUT_REDIRECT, "all other outbound TCP goes to the proxy"))
+    rules.append(Rule(OUT_REDIRECT, "REDIRECT", "to the proxy outbound port", to_ports=spec.outbound_port))
+
+    chains = tuple(sorted(OWN_CHAINS))  # libiptc keeps user chains sorted by name
+    order = {name: i for i, name in enumerate(BUILTIN_CHAINS + chains)}
+    # iptables-save prints chain by chain: built-ins in hook order, then user chains by name.
+    rules.sort(key=lambda r: order[r.chain])  # stable: keeps rule order inside a chain
+    return Ruleset(chains=chains, rules=tuple(rules))
+
+
+def is_foreign_mesh_chain(chain: str) -> bool:
+    return chain.startswith(FOREIGN_MESH_PREFIXES)
