@@ -298,3 +298,8 @@ def main(argv=None) -> None:
             raise
         click.echo(f"meshintercept: error: {exc.strerror or exc} ({exc.filename or ''}); run meshintercept as root.", err=True)
         sys.exit(int(ExitStatus.NOT_PERMITTED))
+    except Exception as exc:  # a bug: say so in one line, keep the traceback one flag away
+        if traceback:
+            raise
+        click.echo(f"meshintercept: internal error: {type(exc).__name__}: {exc} (rerun with --traceback and report it)", err=True)
+        sys.exit(int(ExitStatus.FAILURE))

@@ -130,8 +130,11 @@ class Manager:
             for mode in registry.names():
                 try:
                     cls = registry.load(mode)
-                    if cls.unavailable_reason():
-                        continue
+                except MeshInterceptError:
+                    continue  # a mode that cannot even load has nothing of its own on this node
+                if cls.unavailable_reason():
+                    continue
+                try:
                     torn[mode] = self.backend(mode).teardown()
                 except MeshInterceptError as exc:
                     errors.append(f"{mode}: {exc.message}")
