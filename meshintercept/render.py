@@ -30,50 +30,68 @@ def _ports(ports) -> str:
 
 
 def render_status(data: dict) -> None:
+    """One block per namespace: a headline, then only the lines that say something."""
     items = data["namespaces"]
     console = _console()
     if not items:
-        console.print("no namespaces are intercepted on this node")
+        console.print(f"no namespaces are intercepted on this node (state {data['node']['state_dir']})")
         return
-    from rich.table import Table
-
-    table = Table(title=f"intercepted namespaces (pin dir {data['node']['pin_dir']})", title_justify="left")
-    for col in ("namespace", "mode", "in place", "out/in", "uid", "excluded out", "excluded in", "included in", "details"):
-        table.add_column(col)
     for item in items:
         spec, live = item["spec"], item.get("live", {})
         if not item["present"]:
-            state = "[yellow]namespace gone[/]"
+            state = "[yellow]namespace gone[/] (disable it to drop the record)"
         elif live.get("error"):
             state = f"[red]error: {live['error']}[/]"
         else:
-            state = "[green]yes[/]" if live.get("in_place") else "[red]no[/]"
-        excluded_out = ",".join([str(p) for p in spec["exclude_outbound_ports"]] + spec["exclude_outbound_cidrs"]) or "-"
-        table.add_row(
-            item["namespace"], item["mode"], state, f"{spec['outbound_port']}/{spec['inbound_port']}",
-            str(spec["proxy_uid"]), excluded_out, _ports(spec["exclude_inbound_ports"]),
-            _ports(spec["include_inbound_ports"]) if spec["include_inbound_ports"] else "all",
-            _details(item),
-        )
-    console.print(table)
+            state = "[green]in place[/]" if live.get("in_place") else "[red]NOT in place[/] (enable again to repair)"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["enabled_at"]))
+        console.print(f"[bold]{item['namespace']}[/]  {item['mode']}  {state}  "
+                      f"out :{spec['outbound_port']} in :{spec['inbound_port']} uid {spec['proxy_uid']}  since {since}")
+        for line in _spec_lines(spec) + _live_lines(live):
+            console.print(f"  {line}")
 
 
-def _details(item: dict) -> str:
-    live = item.get("live", {})
-    parts = []
-    for key in ("backend", "pod_ips", "tc", "accelerate", "debug"):
-        if key in live and live[key] not in (None, [], ""):
-            value = live[key]
-            parts.append(f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}")
-    if live.get("nft_rules_present"):
-        parts.append("[yellow]nft rules present[/]")
-    if live.get("foreign_redirects"):
-        parts.append(f"[yellow]foreign redirects: {len(live['foreign_redirects'])}[/]")
+def _spec_lines(spec: dict) -> list:
+    lines = []
+    if spec["exclude_outbound_ports"] or spec["exclude_outbound_cidrs"]:
+        lines.append("excluded outbound: " + ", ".join([f"port {_ports(spec['exclude_outbound_ports'])}"]
+                                                       * bool(spec["exclude_outbound_ports"]) + spec["exclude_outbound_cidrs"]))
+    if spec["exclude_inbound_ports"]:
+        lines.append(f"excluded inbound ports: {_ports(spec['exclude_inbound_ports'])}")
+    if spec["include_inbound_ports"]:
+        lines.append(f"only inbound ports: {_ports(spec['include_inbound_ports'])}")
+    flags = [name for name in ("debug", "accelerate") if spec.get(name)]
+    if flags:
+        lines.append("flags: " + ", ".join(flags))
+    return lines
+
+
+_SKIP = {"in_place", "error", "rules", "counters", "present", "table"}
+
+
+def _flat(value) -> str:
+    if isinstance(value, dict):
+        if value and all(isinstance(v, dict) for v in value.values()):
+            return "; ".join(f"{k} {_flat(v)}" for k, v in value.items())
+        return " ".join(f"{k}={_flat(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(_flat(v) for v in value) or "-"
+    return str(value)
+
+
+def _live_lines(live: dict) -> list:
+    lines = []
+    for key, value in live.items():
+        if key in _SKIP or value in (None, "", [], {}, False):
+            continue
+        label = key.replace("_", " ")
+        if key in ("nft_rules_present", "foreign_redirects"):
+            label = f"[yellow]{label}[/]"
+        lines.append(f"{label}: {_flat(value)}")
     counters = live.get("counters")
-    if isinstance(counters, dict) and counters:
-        parts.append(" ".join(f"{k}={v}" for k, v in counters.items()))
-    parts.append("since " + time.strftime("%H:%M:%S", time.localtime(item["enabled_at"])))
-    return "; ".join(parts)
+    if counters:
+        lines.append(f"counters: {_flat(counters)}")
+    return lines
 
 
 def render_doctor(report: dict) -> None:
