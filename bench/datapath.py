@@ -1,0 +1,188 @@
+"""Data-path benchmark: wrk -> client sidecar -> server sidecar -> nginx, per interception mode.
+
+Topology (``bench.pods``): node 1 holds the client pod and the same-node server pod, node 2
+the cross-node server pod. Every server pod runs nginx and an HAProxy sidecar; the client pod
+runs wrk and its own HAProxy sidecar. Both sidecars run as the proxy UID (1500).
+
+Modes:
+  direct      wrk -> nginx, no sidecar on the path (the physical reference)
+  explicit    wrk -> 127.0.0.1:1501x (client sidecar) -> server:15013 (server sidecar) -> nginx;
+              same proxies and hops as an intercepted mode, but no interception: the floor
+  iptables    wrk -> server:80, REDIRECTed to 15001, the sidecar connects to server:80,
+              REDIRECTed to 15003 in the server pod (SO_ORIGINAL_DST from conntrack)
+  ebpf        same path, rewritten by the cgroup/tc programs (SO_ORIGINAL_DST from our program)
+  ebpf-accel  ebpf with --accelerate (sockmap redirect between local sockets)
+
+Tests, each a bounded wrk run (one thread, ``connections`` connections, ``seconds`` long):
+  keepalive   1 KiB page over persistent connections: requests/s, p50/p99 latency
+  close       the same with ``Connection: close``: a new connection (on every hop) per request
+  bulk        one connection fetching a 64 MiB file again and again: bytes/s of one stream
+CPU per request is the growth of the node cgroups' usage_usec (every process of every pod:
+wrk, both sidecars, nginx) over the run, divided by the requests served.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List
+
+from bench import apps
+from meshintercept.spec import InterceptSpec
+
+MODES = ["direct", "explicit", "iptables", "ebpf", "ebpf-accel"]
+PLACEMENTS = ["same-node", "cross-node"]
+TESTS = ["keepalive", "close", "bulk"]
+BACKEND = {"iptables": ("iptables", {}), "ebpf": ("ebpf", {}), "ebpf-accel": ("ebpf", {"accelerate": True})}
+EXPLICIT_PORT = {"same-node": apps.EXPLICIT_OUT, "cross-node": apps.EXPLICIT_OUT + 1}
+
+
+class ModeUnavailable(Exception):
+    pass
+
+
+class DataPathBench:
+    def __init__(self, cluster, seconds: float = 3, connections: int = 16, log=print):
+        self.cluster = cluster
+        self.seconds = seconds
+        self.connections = connections
+        self.log = log
+        self.samples: List[dict] = []
+        self.events: List[dict] = []
+
+    # --- topology --------------------------------------------------------------------------
+    def setup(self) -> None:
+        n1, n2 = self.cluster.nodes[0], self.cluster.nodes[1]
+        self.client = self.cluster.add_pod(n1, "client")
+        self.servers = {
+            "same-node": self.cluster.add_pod(n1, "server-same"),
+            "cross-node": self.cluster.add_pod(n2, "server-cross"),
+        }
+        for pod in self.servers.values():
+            apps.start_nginx(pod)
+            apps.start_haproxy(pod)
+        apps.start_haproxy(self.client, {EXPLICIT_PORT[p]: s.ip for p, s in self.servers.items()})
+
+    def pods(self):
+        return [self.client, *self.servers.values()]
+
+    # --- modes ------------------------------------------------------------------------------
+    def apply(self, mode: str) -> float:
+        """Turn ``mode`` on for every pod; returns seconds taken (the first ebpf one compiles)."""
+        if mode not in BACKEND:
+            return 0.0
+        backend, extra = BACKEND[mode]
+        spec = InterceptSpec.build(**extra) if extra else InterceptSpec()
+        started = time.monotonic()
+        try:
+            for pod in self.pods():
+                pod.node.manager().enable(pod.path, backend, spec)
+        except Exception as exc:
+            self.clear(mode)
+            raise ModeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return time.monotonic() - started
+
+    def clear(self, mode: str) -> None:
+        """Undo ``mode`` and tear the nodes down, so the next mode starts from a clean node."""
+        if mode not in BACKEND:
+            return
+        for pod in self.pods():
+            try:
+                pod.node.manager().disable(pod.path)
+            except Exception as exc:
+                self.log(f"  disable {pod.name}: {exc}")
+        for node in self.cluster.nodes:
+            try:
+                node.manager().disable_all()
+            except Exception as exc:
+                self.log(f"  disable --all on {node.name}: {exc}")
+
+    def url(self, mode: str, placement: str, path: str = "/") -> str:
+        if mode == "explicit":
+            return f"http://127.0.0.1:{EXPLICIT_PORT[placement]}{path}"
+        return f"http://{self.servers[placement].ip}{path}"
+
+    def verify(self, mode: str, placement: str) -> None:
+        """One request, then prove it took the path the mode claims (sidecar stats, peer address)."""
+        server = self.servers[placement]
+        before = (apps.haproxy_sessions(self.client), apps.haproxy_sessions(server))
+        res = self.client.run(["curl", "-sS", "--max-time", "5", self.url(mode, placement, "/whoami")], timeout=15)
+        after = (apps.haproxy_sessions(self.client), apps.haproxy_sessions(server))
+        if res.returncode != 0:
+            raise ModeUnavailable(f"request failed: {res.stderr.strip()}")
+        seen = res.stdout.strip()
+        delta_c = {k: after[0].get(k, 0) - before[0].get(k, 0) for k in after[0]}
+        delta_s = {k: after[1].get(k, 0) - before[1].get(k, 0) for k in after[1]}
+        if mode == "direct":
+            ok = seen == self.client.ip and not any(delta_c.values()) and not any(delta_s.values())
+        elif mode == "explicit":
+            ok = seen == "127.0.0.1" and delta_c.get(f"explicit_out_{EXPLICIT_PORT[placement]}") == 1 \
+                and delta_s.get("explicit_in") == 1
+        else:
+            ok = seen == "127.0.0.1" and delta_c.get("outbound") == 1 and delta_s.get("inbound") == 1
+        if not ok:
+            raise ModeUnavailable(
+                f"the request did not take the {mode} path: server saw {seen!r}, "
+                f"client sidecar sessions {delta_c}, server sidecar sessions {delta_s}"
+            )
+
+    # --- tests ------------------------------------------------------------------------------
+    def measure(self, mode: str, placement: str, test: str) -> dict:
+        if test == "bulk":
+            url, conns, close = self.url(mode, placement, "/big"), 1, False
+        else:
+            url, conns, close = self.url(mode, placement), self.connections, test == "close"
+        cpu0 = sum(n.cpu_usec() for n in self.cluster.nodes)
+        res = apps.run_wrk(self.client, url, self.seconds, conns, close=close)
+        cpu = sum(n.cpu_usec() for n in self.cluster.nodes) - cpu0
+        res["cpu_s"] = cpu / 1e6
+        res["cpu_us_per_req"] = cpu / res["requests"]
+        if test == "bulk":
+            res["cpu_s_per_gib"] = (cpu / 1e6) / max(res["requests"] * apps.BIG_BYTES / (1 << 30), 1e-9)
+        return res
+
+    def run(self, rounds: int, modes: List[str] = MODES, placements: List[str] = PLACEMENTS) -> Dict:
+        unavailable: Dict[str, str] = {}
+        for rnd in range(rounds):
+            # Rotate the order every round so drift in machine load hits every mode alike.
+            order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
+            for mode in order:
+                if mode in unavailable:
+                    continue
+                try:
+                    took = self.apply(mode)
+                except ModeUnavailable as exc:
+                    unavailable[mode] = str(exc)
+                    self.log(f"  {mode}: unavailable: {exc}")
+                    continue
+                self.events.append({"round": rnd, "mode": mode, "enable_all_pods_s": took})
+                try:
+                    for placement in placements:
+                        try:
+                            self.verify(mode, placement)
+                        except ModeUnavailable as exc:
+                            unavailable[f"{mode}/{placement}"] = str(exc)
+                            self.log(f"  {mode} {placement}: {exc}")
+                            continue
+                        for test in TESTS:
+                            res = self.measure(mode, placement, test)
+                            res.update(round=rnd, mode=mode, placement=placement, test=test)
+                            self.samples.append(res)
+                            self.log(f"  r{rnd} {mode:10} {placement:10} {test:9} "
+                                     + (f"{res['bytes_per_s'] / 1e6:9.0f} MB/s" if test == "bulk"
+                                        else f"{res['rps']:9.0f} req/s p50 {res.get('p50_ms', 0):.3f} ms "
+                                             f"p99 {res.get('p99_ms', 0):.3f} ms")
+                                     + f"  cpu {res['cpu_us_per_req']:.1f} us/req err {res['errors']}")
+                finally:
+                    self.clear(mode)
+        return {
+            "seconds": self.seconds, "connections": self.connections, "rounds": rounds,
+            "modes": modes, "placements": placements, "tests": TESTS,
+            "samples": self.samples, "unavailable": unavailable, "events": self.events,
+            "pods": {p.name: {"ip": p.ip, "node": p.node.name} for p in self.pods()},
+        }
+
+
+def run(cluster, rounds: int, seconds: float, connections: int = 16, modes=MODES, log=print) -> Dict:
+    bench = DataPathBench(cluster, seconds=seconds, connections=connections, log=log)
+    bench.setup()
+    return bench.run(rounds, modes=modes)
