@@ -1,0 +1,465 @@
+"""The iptables backend against real namespaces, the real legacy nat table and real sockets.
+
+Each test makes its own namespaces (``mi-i-<random>``); the traffic tests link a "pod" to a
+"peer" namespace with one veth pair (10.231.200.0/30), nothing else. Listeners stand in for
+the sidecar: they answer every connection with their name and what SO_ORIGINAL_DST says.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import uuid
+
+import pytest
+
+from meshintercept.backends import iptables_probe as probe
+from meshintercept.backends import iptables_rules as model
+from meshintercept.backends import iptables_table as table
+from meshintercept.backends.iptables import IptablesInterceptor, namespace_conflicts
+from meshintercept.errors import BackendFailure, Conflict, UsageError
+from meshintercept.manager import Manager
+from meshintercept.netns import Netns
+from meshintercept.node import Node
+from meshintercept.spec import InterceptSpec
+from meshintercept.state import NamespaceRecord, StateStore
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and iptables")
+
+POD_IP, PEER_IP = "10.231.200.1", "10.231.200.2"
+APP_UID, PROXY_UID = 1000, 1500
+
+
+# --- fixtures and helpers ----------------------------------------------------------------------
+@pytest.fixture
+def make_ns():
+    made = []
+
+    def make() -> Netns:
+        name = f"mi-i-{uuid.uuid4().hex[:8]}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        made.append(name)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        return Netns.parse(name)
+
+    yield make
+    for name in made:
+        subprocess.run(["ip", "netns", "del", name], check=False, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def ns(make_ns) -> Netns:
+    return make_ns()
+
+
+@pytest.fixture
+def backend(tmp_path) -> IptablesInterceptor:
+    return IptablesInterceptor(Node(cgroup="/nonexistent", pin_dir=str(tmp_path / "pins"), state_dir=str(tmp_path / "state")))
+
+
+def record(netns: Netns, spec: InterceptSpec) -> NamespaceRecord:
+    return NamespaceRecord(netns.key, netns.ref, netns.path, netns.name, "iptables", spec)
+
+
+def sh(netns: Netns, *argv: str, check: bool = True) -> str:
+    proc = subprocess.run(["ip", "netns", "exec", netns.name, *argv], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} failed: {proc.stderr}")
+    return proc.stdout
+
+
+def legacy_tables(netns: Netns) -> list:
+    return sh(netns, "cat", "/proc/net/ip_tables_names").split()
+
+
+def save(netns: Netns) -> list:
+    """iptables-legacy-save -t nat, without its timestamp comments and counters."""
+    return [l for l in sh(netns, "iptables-legacy-save", "-t", "nat").splitlines() if not l.startswith("#")]
+
+
+def ours(lines: list) -> list:
+    out = []
+    for line in lines:
+        chain = line.split()[1] if line.startswith("-A ") else line[1:].split()[0] if line.startswith(":") else ""
+        if chain in model.OWN_CHAINS or "meshintercept:" in line:
+            out.append(line)
+    return out
+
+
+def plan_lines(text: str) -> list:
+    body = [l for l in text.splitlines() if not l.startswith("#")]
+    assert body[0] == "*nat" and body[-1] == "COMMIT"
+    return body[1:-1]
+
+
+def legacy(netns: Netns, *args: str) -> None:
+    sh(netns, "iptables-legacy", "-w", "-t", "nat", *args)
+
+
+def add_foreign_rules(netns: Netns) -> None:
+    """What another tool might have put there: its own chain and rules in both built-ins."""
+    legacy(netns, "-N", "OTHER_CHAIN")
+    legacy(netns, "-A", "OTHER_CHAIN", "-p", "udp", "--dport", "53", "-j", "RETURN")
+    legacy(netns, "-A", "PREROUTING", "-p", "udp", "-j", "OTHER_CHAIN")
+    legacy(netns, "-A", "OUTPUT", "-d", "192.0.2.7/32", "-j", "RETURN")
+    legacy(netns, "-A", "POSTROUTING", "-o", "lo", "-j", "ACCEPT")
+
+
+# --- the model and the dry run ------------------------------------------------------------------
+def test_rules_are_a_pure_function_of_the_spec():
+    spec = InterceptSpec.build(exclude_inbound_ports=["22"], exclude_outbound_cidrs=["10.96.0.0/12"])
+    assert model.build(spec) == model.build(spec)
+    lines = model.build(spec).lines()
+    assert all(l.startswith(":MI_") or "meshintercept:" in l for l in lines)
+    # Every rule names what it does; the only rules outside our chains are the two jumps.
+    assert [r.chain for r in model.build(spec).jumps] == ["PREROUTING", "OUTPUT"]
+
+
+def test_multiport_rules_hold_at_most_15_ports():
+    spec = InterceptSpec.build(exclude_outbound_ports=[str(p) for p in range(2000, 2040)])
+    chunks = [m for r in model.build(spec).rules for m in r.matches if r.chain == model.OUTPUT and m.name == "multiport"]
+    assert [len(m.value.split(",")) for m in chunks] == [15, 15, 10]
+
+
+def test_proxy_ports_never_redirected_even_when_included():
+    spec = InterceptSpec.build(include_inbound_ports=["15001", "15003"])
+    inbound = model.build(spec).chain_rules(model.INBOUND)
+    assert not [r for r in inbound if r.target == model.IN_REDIRECT]
+
+
+def test_accelerate_is_rejected_and_debug_ignored(backend, ns):
+    spec = InterceptSpec(accelerate=True)
+    with pytest.raises(UsageError, match="--accelerate needs --mode ebpf"):
+        backend.enable(ns, spec)
+    with pytest.raises(UsageError, match="--accelerate needs --mode ebpf"):
+        backend.plan(ns, spec)
+    assert "nat" not in legacy_tables(ns)
+    assert backend.plan(ns, InterceptSpec(debug=True)) == backend.plan(ns, InterceptSpec())
+
+
+def test_plan_changes_nothing(backend, ns):
+    backend.plan(ns, InterceptSpec())
+    backend.inspect(record(ns, InterceptSpec()), ns)
+    # Even the nat table itself must not be created by looking.
+    assert "nat" not in legacy_tables(ns)
+
+
+@pytest.mark.parametrize("spec", [
+    InterceptSpec(),
+    InterceptSpec.build(proxy_uid=1337, outbound_port=16001, inbound_port=16006,
+                        exclude_inbound_ports=["22", "8081"], include_inbound_ports=["80", "443", "8080"],
+                        exclude_outbound_ports=[str(p) for p in range(3000, 3020)],
+                        exclude_outbound_cidrs=["10.96.0.0/12", "192.168.1.5", "0.0.0.0/0"]),
+], ids=["defaults", "everything"])
+def test_applied_rules_equal_the_plan(backend, ns, spec):
+    planned = plan_lines(backend.plan(ns, spec))
+    backend.enable(ns, spec)
+    live = save(ns)
+    assert ours(live) == planned
+    # Our reader renders the table as iptables-legacy-save does, so status shows the truth.
+    assert backend.inspect(record(ns, spec), ns)["rules"] == planned
+    assert backend.inspect(record(ns, spec), ns)["in_place"] is True
+
+
+def test_plan_is_valid_restore_input(backend, make_ns):
+    """iptables-legacy-restore --noflush given the dry run builds the same table as enable."""
+    spec = InterceptSpec.build(exclude_inbound_ports=["22"], exclude_outbound_cidrs=["10.0.0.0/8"])
+    by_tool, by_us = make_ns(), make_ns()
+    text = backend.plan(by_tool, spec)
+    proc = subprocess.run(["ip", "netns", "exec", by_tool.name, "iptables-legacy-restore", "--noflush"],
+                          input=text, text=True, capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    backend.enable(by_us, spec)
+    assert save(by_tool) == save(by_us)
+    assert backend.inspect(record(by_tool, spec), by_tool)["in_place"] is True
+
+
+# --- apply: atomic, idempotent, replacing, polite to others ----------------------------------
+def test_enable_twice_changes_nothing(backend, ns):
+    spec = InterceptSpec.build(exclude_outbound_ports=["5432"])
+    first = backend.enable(ns, spec)
+    before = save(ns)
+    second = backend.enable(ns, spec)
+    assert first["changed"] is True and second["changed"] is False
+    assert save(ns) == before
+
+
+def test_changed_spec_replaces_ours_and_keeps_others_in_place(backend, ns):
+    add_foreign_rules(ns)
+    old = InterceptSpec.build(exclude_inbound_ports=["22"])
+    backend.enable(ns, old)
+    legacy(ns, "-A", "PREROUTING", "-p", "tcp", "--dport", "7", "-j", "RETURN")  # after our jump
+    before = save(ns)
+    new = InterceptSpec.build(outbound_port=15011, include_inbound_ports=["80"], exclude_outbound_cidrs=["10.9.0.0/16"])
+    backend.enable(ns, new)
+    after = save(ns)
+    assert ours(after) == plan_lines(backend.plan(ns, new))
+    # Everything not ours is unchanged, and our jumps kept their place among the others.
+    assert [l for l in after if l not in ours(after)] == [l for l in before if l not in ours(before)]
+    assert [l for l in after if l.startswith("-A PREROUTING")] == [l for l in before if l.startswith("-A PREROUTING")]
+
+
+def test_disable_removes_exactly_what_enable_added(backend, ns):
+    add_foreign_rules(ns)
+    pristine = save(ns)
+    spec = InterceptSpec.build(exclude_inbound_ports=["22"])
+    backend.enable(ns, spec)
+    assert ours(save(ns))
+    backend.disable(record(ns, spec), ns)
+    assert save(ns) == pristine
+    backend.disable(record(ns, spec), ns)  # idempotent
+    assert save(ns) == pristine
+
+
+def test_disable_when_the_namespace_is_gone(backend, ns):
+    spec = InterceptSpec()
+    backend.enable(ns, spec)
+    subprocess.run(["ip", "netns", "del", ns.name], check=True)
+    backend.disable(record(ns, spec), ns)  # the Netns object still names the dead namespace
+    backend.disable(record(ns, spec), None)
+    assert backend.inspect(record(ns, spec), None)["in_place"] is False
+
+
+def test_disable_refuses_while_another_rule_uses_our_chain(backend, ns):
+    spec = InterceptSpec()
+    backend.enable(ns, spec)
+    legacy(ns, "-I", "OUTPUT", "1", "-p", "tcp", "--dport", "9", "-j", "MI_OUT_REDIRECT")
+    before = save(ns)
+    with pytest.raises(Conflict, match="MI_OUT_REDIRECT is still used by a rule meshintercept did not add"):
+        backend.disable(record(ns, spec), ns)
+    assert save(ns) == before
+
+
+def test_kernel_refusal_changes_nothing(backend, ns):
+    """A foreign POSTROUTING jump into our chain makes REDIRECT illegal there: the kernel
+    rejects the one commit, and the table stays exactly as it was."""
+    legacy(ns, "-N", "MI_OUT_REDIRECT")
+    legacy(ns, "-A", "POSTROUTING", "-j", "MI_OUT_REDIRECT")
+    add_foreign_rules(ns)
+    before = save(ns)
+    with pytest.raises(BackendFailure, match="kernel refused the nat table update.*nothing was changed.*POSTROUTING"):
+        backend.enable(ns, InterceptSpec())
+    assert save(ns) == before
+
+
+def test_failure_while_building_changes_nothing(backend, ns, monkeypatch):
+    """Fail half-way through an update that replaces an old spec: flushes and appends
+    already happened on the handle, none reach the kernel."""
+    add_foreign_rules(ns)
+    backend.enable(ns, InterceptSpec())
+    before = save(ns)
+    real, calls = table.to_iptc, []
+
+    def flaky(iptc, rule):
+        calls.append(rule)
+        if len(calls) == 6:
+            raise RuntimeError("simulated failure in the middle of the update")
+        return real(iptc, rule)
+
+    monkeypatch.setattr(table, "to_iptc", flaky)  # copied into the forked child
+    with pytest.raises(Exception, match="simulated failure"):
+        backend.enable(ns, InterceptSpec.build(outbound_port=15021, exclude_outbound_ports=["80"]))
+    assert save(ns) == before
+
+
+def test_waits_for_the_xtables_lock(backend, ns, monkeypatch, tmp_path):
+    import fcntl
+
+    lockfile = tmp_path / "xtables.lock"
+    monkeypatch.setenv("XTABLES_LOCKFILE", str(lockfile))
+    monkeypatch.setattr(table, "LOCK_TIMEOUT", 0.3)
+    fd = os.open(lockfile, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(BackendFailure, match="xtables lock"):
+            backend.enable(ns, InterceptSpec())
+    finally:
+        os.close(fd)
+    assert "nat" not in legacy_tables(ns)
+    backend.enable(ns, InterceptSpec())
+    assert ours(save(ns))
+
+
+# --- what status and doctor report -------------------------------------------------------------
+def test_nft_rules_and_foreign_redirects_are_reported(backend, ns):
+    spec = InterceptSpec()
+    sh(ns, "iptables-nft", "-t", "nat", "-N", "ISTIO_REDIRECT")
+    sh(ns, "iptables-nft", "-t", "nat", "-A", "ISTIO_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+    legacy(ns, "-A", "PREROUTING", "-p", "tcp", "--dport", "9999", "-j", "REDIRECT", "--to-ports", "4143")
+    extra = backend.enable(ns, spec)
+    assert any("nftables rule" in w for w in extra["warnings"])
+    live = backend.inspect(record(ns, spec), ns)
+    assert live["in_place"] is True and live["backend"] == "legacy"
+    assert live["nft_rules_present"] is True
+    assert "-A PREROUTING -p tcp -m tcp --dport 9999 -j REDIRECT --to-ports 4143" in live["foreign_redirects"]
+    assert any("ISTIO_REDIRECT" in f and "REDIRECT" in f for f in live["foreign_redirects"])
+    conflicts = namespace_conflicts(ns)
+    assert conflicts["nft_rules_present"] is True and len(conflicts["warnings"]) == 2
+
+
+def test_clean_namespace_reports_nothing_foreign(backend, ns):
+    backend.enable(ns, InterceptSpec())
+    live = backend.inspect(record(ns, InterceptSpec()), ns)
+    assert live["nft_rules_present"] is False
+    assert live["foreign_redirects"] == []
+    assert "warnings" not in live
+    assert live["counters"] == {"inbound": {"packets": 0, "bytes": 0}, "outbound": {"packets": 0, "bytes": 0}}
+
+
+def test_inspect_notices_drift(backend, ns):
+    spec = InterceptSpec()
+    backend.enable(ns, spec)
+    legacy(ns, "-D", "MI_OUTPUT", "1")
+    live = backend.inspect(record(ns, spec), ns)
+    assert live["in_place"] is False
+    assert any("--uid-owner 1500" in l for l in live["missing"])
+    backend.enable(ns, spec)  # repairs
+    assert backend.inspect(record(ns, spec), ns)["in_place"] is True
+
+
+def test_doctor_tries_it_for_real_and_warns_about_managed_namespaces(backend, ns):
+    backend.enable(ns, InterceptSpec())
+    sh(ns, "iptables-nft", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "1", "-j", "ACCEPT")
+    StateStore(backend.node.state_dir).put(record(ns, InterceptSpec()))
+    checks = {c.name: c for c in backend.doctor()}
+    assert checks["python-iptables importable"].ok
+    selftest = checks["legacy nat table redirects"]
+    assert selftest.ok, selftest.detail
+    assert "SO_ORIGINAL_DST 10.231.255.2:1404" in selftest.detail
+    assert "iptables default variant" in checks
+    managed = checks[f"namespace {ns.name}: no nft or foreign redirect rules"]
+    assert managed.warning and "nftables rule" in managed.detail
+
+
+def test_unavailable_reason_names_the_fix(monkeypatch):
+    assert IptablesInterceptor.unavailable_reason() is None
+    monkeypatch.setattr(table, "xtables_libdir", lambda: None)
+    assert "install the iptables package" in IptablesInterceptor.unavailable_reason()
+
+
+def test_teardown_has_nothing_node_wide(backend):
+    assert backend.teardown() == []
+
+
+def test_through_the_manager(tmp_path, ns):
+    manager = Manager(Node(cgroup="/nonexistent", pin_dir=str(tmp_path / "pins"), state_dir=str(tmp_path / "state")))
+    spec = InterceptSpec.build(exclude_inbound_ports=["22"])
+    assert manager.enable(ns.name, "iptables", spec)["changed"] is True
+    assert manager.enable(ns.name, "iptables", spec)["changed"] is False
+    [item] = manager.status(ns.name)["namespaces"]
+    assert item["live"]["in_place"] is True
+    manager.disable(ns.name)
+    assert ours(save(ns)) == []
+
+
+# --- real traffic ---------------------------------------------------------------------------------
+class Listener:
+    """Accepts in a namespace; tells each client its name and the connection's SO_ORIGINAL_DST
+    (where conntrack has no entry, the address it was accepted on, which is then the same)."""
+
+    def __init__(self, netns: Netns, port: int, name: str, addr: str = "0.0.0.0"):
+        with netns.entered():
+            self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((addr, port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.name, self.stop = name, threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                ip, port = probe.original_dst(conn)
+            except OSError:  # no conntrack entry in this namespace: nothing was translated
+                ip, port = conn.getsockname()
+            conn.sendall(f"{self.name} {ip}:{port}\n".encode())
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def _talk(host: str, port: int, uid: int) -> str:
+    os.setuid(uid)
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            return s.recv(200).decode().strip()
+    except OSError as exc:
+        return f"error {exc.__class__.__name__}"
+
+
+@pytest.fixture
+def pod_and_peer(make_ns):
+    pod, peer = make_ns(), make_ns()
+    link = f"mi-i-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "link", "add", f"{link}a", "netns", pod.name, "type", "veth",
+                    "peer", "name", f"{link}b", "netns", peer.name], check=True)
+    for netns, dev, addr in ((pod, f"{link}a", POD_IP), (peer, f"{link}b", PEER_IP)):
+        subprocess.run(["ip", "-n", netns.name, "addr", "add", f"{addr}/30", "dev", dev], check=True)
+        subprocess.run(["ip", "-n", netns.name, "link", "set", dev, "up"], check=True)
+    listeners = [
+        Listener(pod, 15001, "outbound-proxy"), Listener(pod, 15003, "inbound-proxy"),
+        Listener(pod, 8080, "pod-app"), Listener(pod, 2222, "pod-ssh"), Listener(pod, 9000, "pod-local", "127.0.0.1"),
+        Listener(peer, 8080, "peer-app"), Listener(peer, 5432, "peer-db"),
+    ]
+    yield pod, peer
+    for listener in listeners:
+        listener.close()
+
+
+def test_traffic_is_redirected_as_the_spec_says(backend, pod_and_peer):
+    pod, peer = pod_and_peer
+    spec = InterceptSpec.build(exclude_inbound_ports=["2222"], exclude_outbound_ports=["5432"])
+
+    def from_pod(host, port, uid=APP_UID):
+        return pod.run(_talk, host, port, uid)
+
+    def from_peer(host, port):
+        return peer.run(_talk, host, port, APP_UID)
+
+    assert from_pod(PEER_IP, 8080) == f"peer-app {PEER_IP}:8080"  # before: direct
+    backend.enable(pod, spec)
+
+    # Outbound from the app goes to the outbound port, which learns the true destination.
+    assert from_pod(PEER_IP, 8080) == f"outbound-proxy {PEER_IP}:8080"
+    # The proxy's own connections, excluded ports and loopback go direct.
+    assert from_pod(PEER_IP, 8080, uid=PROXY_UID) == f"peer-app {PEER_IP}:8080"
+    assert from_pod(PEER_IP, 5432) == f"peer-db {PEER_IP}:5432"
+    assert from_pod("127.0.0.1", 9000) == "pod-local 127.0.0.1:9000"
+    # Inbound goes to the inbound port, except excluded ports and the proxy's own ports.
+    assert from_peer(POD_IP, 8080) == f"inbound-proxy {POD_IP}:8080"
+    assert from_peer(POD_IP, 2222) == f"pod-ssh {POD_IP}:2222"
+    assert from_peer(POD_IP, 15001) == f"outbound-proxy {POD_IP}:15001"
+    # The app calling its own pod address is inbound traffic; the proxy forwarding it to the
+    # app's address goes straight there (no loop).
+    assert from_pod(POD_IP, 8080) == f"inbound-proxy {POD_IP}:8080"
+    assert from_pod(POD_IP, 8080, uid=PROXY_UID) == f"pod-app {POD_IP}:8080"
+
+    counters = backend.inspect(record(pod, spec), pod)["counters"]
+    assert counters["outbound"]["packets"] == 1
+    assert counters["inbound"]["packets"] == 2
+
+    backend.disable(record(pod, spec), pod)
+    assert from_pod(PEER_IP, 8080) == f"peer-app {PEER_IP}:8080"
+    assert from_peer(POD_IP, 8080) == f"pod-app {POD_IP}:8080"
+
+
+def test_excluded_cidr_and_include_list(backend, pod_and_peer):
+    pod, peer = pod_and_peer
+    spec = InterceptSpec.build(exclude_outbound_cidrs=["10.231.200.0/30"], include_inbound_ports=["2222"])
+    backend.enable(pod, spec)
+    assert pod.run(_talk, PEER_IP, 8080, APP_UID) == f"peer-app {PEER_IP}:8080"
+    assert peer.run(_talk, POD_IP, 2222, APP_UID) == f"inbound-proxy {POD_IP}:2222"
+    assert peer.run(_talk, POD_IP, 8080, APP_UID) == f"pod-app {POD_IP}:8080"
