@@ -57,6 +57,23 @@ def xtables_libdir() -> Optional[str]:
     return None
 
 
+def missing_reason() -> Optional[str]:
+    """Cheap check (no import, no kernel): None when python-iptables and its libraries are there."""
+    import ctypes.util
+    import importlib.util
+
+    if importlib.util.find_spec("iptc") is None:
+        return "python-iptables is not installed; install it with 'pip install python-iptables'."
+    for lib in ("xtables", "ip4tc"):
+        if ctypes.util.find_library(lib) is None:
+            return (f"the iptables library lib{lib} is not installed; install the iptables package "
+                    "(apt-get install iptables).")
+    if xtables_libdir() is None:
+        return ("the iptables extensions (libxt_*.so) are not installed; install the iptables package "
+                "(apt-get install iptables) or set XTABLES_LIBDIR to their directory.")
+    return None
+
+
 def load_iptc():
     """Import python-iptables, pointing it at the xtables extensions first.
 
