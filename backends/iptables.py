@@ -132,7 +132,7 @@ class IptablesInterceptor(Interceptor):
         except MeshInterceptError as exc:
             return Check(name, False, detail=exc.message,
                          fix="load iptable_nat and xt_REDIRECT (modprobe iptable_nat xt_REDIRECT), run as root")
-        want = f"10.231.255.2:1404"
+        want = "10.231.255.2:1404"
         ok = result.get("original_dst") == want and result.get("rules_match_plan")
         detail = (f"in a throwaway namespace a connection to {want} reached port {result.get('redirected_to')} "
                   f"with SO_ORIGINAL_DST {result.get('original_dst')}")

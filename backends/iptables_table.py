@@ -17,11 +17,10 @@ import fcntl
 import ipaddress
 import os
 import shlex
-import socket
 import sysconfig
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from meshintercept.backends import iptables_rules as model
 from meshintercept.errors import BackendFailure, Conflict, EnvironmentMissing
@@ -250,12 +249,18 @@ def _render_addr(letter: str, text: str) -> Optional[str]:
 
 
 def _proto_name(number: int) -> str:
+    """iptables' own names first, then /etc/protocols (getprotobynumber), else the number."""
     if number in PROTO_NAMES:
         return PROTO_NAMES[number]
     try:
-        return socket.getprotobynumber(number)
+        with open("/etc/protocols") as f:
+            for line in f:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) >= 2 and fields[1] == str(number):
+                    return fields[0]
     except OSError:
-        return str(number)
+        pass
+    return str(number)
 
 
 # --- writing -------------------------------------------------------------------------------

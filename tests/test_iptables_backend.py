@@ -463,3 +463,22 @@ def test_excluded_cidr_and_include_list(backend, pod_and_peer):
     assert pod.run(_talk, PEER_IP, 8080, APP_UID) == f"peer-app {PEER_IP}:8080"
     assert peer.run(_talk, POD_IP, 2222, APP_UID) == f"inbound-proxy {POD_IP}:2222"
     assert peer.run(_talk, POD_IP, 8080, APP_UID) == f"pod-app {POD_IP}:8080"
+
+
+def test_reader_renders_any_rule_as_iptables_save_does(ns):
+    """Status shows other tools' rules too; each must read exactly as iptables-legacy-save prints it."""
+    legacy(ns, "-N", "SOME_CHAIN")
+    for rule in (
+        ["-A", "PREROUTING", "!", "-s", "10.0.0.0/8", "-i", "eth+", "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", "10.1.2.3:8080"],
+        ["-A", "PREROUTING", "-s", "10.0.0.0/255.0.255.0", "!", "-i", "lo", "-j", "SOME_CHAIN"],
+        ["-A", "OUTPUT", "!", "-p", "udp", "-f", "-m", "mark", "--mark", "0x1/0xff", "-g", "SOME_CHAIN"],
+        ["-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW,RELATED", "-m", "comment", "--comment", "with \"quotes\"", "-j", "RETURN"],
+        ["-A", "POSTROUTING", "-o", "eth0", "-p", "tcp", "-j", "MASQUERADE", "--to-ports", "1000-2000", "--random"],
+        ["-A", "SOME_CHAIN", "-p", "icmp"],
+        ["-A", "SOME_CHAIN", "-p", "47", "-j", "ACCEPT"],
+    ):
+        legacy(ns, *rule)
+    expected = [l for l in save(ns) if l.startswith("-A ")]
+    live = ns.run(table.read_table)
+    assert [r.line for r in live.rules] == expected
+    assert live.chains == ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING", "SOME_CHAIN"]
