@@ -10,20 +10,19 @@ Layout (all TCP; every rule carries a ``meshintercept:`` comment)::
     PREROUTING -> MI_INBOUND:  proxy ports RETURN, excluded ports RETURN,
                                (included ports | everything) -> MI_IN_REDIRECT
     OUTPUT     -> MI_OUTPUT:   proxy UID RETURN, 127.0.0.0/8 RETURN, excluded CIDRs and
-                               ports RETURN, -o lo -> MI_INBOUND, -o lo RETURN,
-                               everything else -> MI_OUT_REDIRECT
+                               ports RETURN, everything else -> MI_OUT_REDIRECT
     MI_IN_REDIRECT:  REDIRECT --to-ports <inbound port>
     MI_OUT_REDIRECT: REDIRECT --to-ports <outbound port>
 
-The app calling its own pod address (hairpin, leaves through ``lo``) is sent through
-MI_INBOUND, i.e. to the proxy's *inbound* port with the same include/exclude rules as
-traffic from outside. Istio and OSM instead send it through the outbound proxy and then
-catch the *proxy UID's* ``-o lo`` connection into the inbound port; that only works when
-the sidecar forwards inbound traffic from a marker source (Istio binds 127.0.0.6). A plain
-transparent sidecar (HAProxy ``server x 0.0.0.0``) forwards inbound connections to the pod
-address as the proxy UID, which that rule would redirect again, forever. Here the proxy
-UID's traffic is always left alone, so no sidecar can loop; the price is that the outbound
-proxy picking its own pod as an endpoint reaches the app directly.
+The app calling its own pod address (hairpin, leaves through ``lo``) is outbound traffic
+like any other: the outbound proxy gets it and forwards it, as the proxy UID, straight to
+the app. That is what the eBPF backend's connect4 program does, so a sidecar sees the same
+connections under both modes. Istio and OSM add a rule sending the *proxy UID's* ``-o lo``
+connections to the inbound port; that only works when the sidecar forwards inbound traffic
+from a marker source (Istio binds 127.0.0.6). A plain transparent sidecar (HAProxy
+``server x 0.0.0.0``) forwards inbound connections to the pod address as the proxy UID,
+which that rule would redirect again, forever. Here the proxy UID's traffic is always left
+alone, so no sidecar can loop.
 """
 
 from __future__ import annotations
@@ -180,8 +179,8 @@ def build(spec: InterceptSpec) -> Ruleset:
         Rule("OUTPUT", OUTPUT, "outbound TCP is checked by MI_OUTPUT"),
     ]
 
-    # Inbound. Reached from PREROUTING and (hairpin) from OUTPUT, so it must only use
-    # matches valid in both hooks: no owner match here, or the kernel refuses the table.
+    # Inbound. Reached from PREROUTING only, where the owner match is invalid: the kernel
+    # would refuse the whole table if one were used here.
     rules.append(Rule(INBOUND, "RETURN", "the proxy outbound port is never redirected",
                       matches=(Match("tcp", "dport", str(spec.outbound_port)),)))
     rules.append(Rule(INBOUND, "RETURN", "the proxy inbound port is never redirected",
@@ -208,8 +207,6 @@ def build(spec: InterceptSpec) -> Ruleset:
         rules.append(Rule(OUTPUT, "RETURN", f"excluded outbound CIDR {net} goes direct", dst=dst))
     for m in port_matches(spec.exclude_outbound_ports):
         rules.append(Rule(OUTPUT, "RETURN", f"excluded outbound {_ports_phrase(m)} direct", matches=(m,)))
-    rules.append(Rule(OUTPUT, INBOUND, "the app calling its own pod address is inbound traffic", out_iface="lo"))
-    rules.append(Rule(OUTPUT, "RETURN", "other local traffic goes direct", out_iface="lo"))
     rules.append(Rule(OUTPUT, OUT_REDIRECT, "all other outbound TCP goes to the proxy"))
     rules.append(Rule(OUT_REDIRECT, "REDIRECT", "to the proxy outbound port", to_ports=spec.outbound_port))
 

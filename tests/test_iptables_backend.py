@@ -442,14 +442,14 @@ def test_traffic_is_redirected_as_the_spec_says(backend, pod_and_peer):
     assert from_peer(POD_IP, 8080) == f"inbound-proxy {POD_IP}:8080"
     assert from_peer(POD_IP, 2222) == f"pod-ssh {POD_IP}:2222"
     assert from_peer(POD_IP, 15001) == f"outbound-proxy {POD_IP}:15001"
-    # The app calling its own pod address is inbound traffic; the proxy forwarding it to the
-    # app's address goes straight there (no loop).
-    assert from_pod(POD_IP, 8080) == f"inbound-proxy {POD_IP}:8080"
+    # The app calling its own pod address is outbound traffic (as under the eBPF backend);
+    # the proxy forwarding it to the app's address goes straight there (no loop).
+    assert from_pod(POD_IP, 8080) == f"outbound-proxy {POD_IP}:8080"
     assert from_pod(POD_IP, 8080, uid=PROXY_UID) == f"pod-app {POD_IP}:8080"
 
     counters = backend.inspect(record(pod, spec), pod)["counters"]
-    assert counters["outbound"]["packets"] == 1
-    assert counters["inbound"]["packets"] == 2
+    assert counters["outbound"]["packets"] == 2
+    assert counters["inbound"]["packets"] == 1
 
     backend.disable(record(pod, spec), pod)
     assert from_pod(PEER_IP, 8080) == f"peer-app {PEER_IP}:8080"
