@@ -1,0 +1,342 @@
+"""The behaviour every interception backend must show, written once, run for each backend.
+
+Subclass `BackendContract` in a test module with a name pytest collects, and set the mode
+and the sidecar kind::
+
+    class TestIptablesWithHaproxy(BackendContract):
+        mode = "iptables"
+        sidecar_kind = "haproxy"
+
+Each class builds one 2-node `TestCluster` (class scope)::
+
+    node1: client, server, bystander      node2: remote
+
+Every pod runs a test server on 8080 and 9090 (as UID 1000) and a sidecar of
+``sidecar_kind`` as the proxy UID. Tests enable interception through
+`meshintercept.manager.Manager` of the pod's node, exactly as the CLI does, and everything
+enabled is disabled again after each test. The class is skipped, with the backend's own
+reason, when the mode cannot load or run here.
+
+How a test tells "through the sidecar" from "direct" without trusting the backend: the
+test client reports its own address, the server reports the peer it saw. Equal means
+nothing sat in between. Through a sidecar, the server instead sees the sidecar's upstream
+socket (logged by the sidecar), and the sidecar logs the original destination it read
+with SO_ORIGINAL_DST.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import pytest
+
+from meshintercept import registry
+from meshintercept.errors import MeshInterceptError
+from meshintercept.spec import InterceptSpec
+from meshintercept.testing.cluster import Pod, Received, TestCluster
+
+APP_PORT = 8080
+OTHER_PORT = 9090
+MB = 1 << 20
+
+
+def unavailable_reason(mode: str) -> Optional[str]:
+    """Why `mode` cannot be tested here (it does not load, or says it cannot run), else None."""
+    try:
+        cls = registry.load(mode)
+    except MeshInterceptError as exc:
+        return exc.message
+    try:
+        return cls.unavailable_reason()
+    except Exception as exc:  # noqa: BLE001 - a crashing check is a reason too
+        return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class World:
+    cluster: TestCluster
+    pods: Dict[str, Pod]
+    sidecars: Dict[str, object]
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["pods"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class BackendContract:
+    #: Interception mode under test (an entry point name of meshintercept.backends).
+    mode: str = ""
+    #: "project" (meshintercept.sidecar) or "haproxy".
+    sidecar_kind: str = "project"
+    #: Spec fields every enable in this class starts from (the sidecar listens on its ports).
+    base_spec: dict = {}
+
+    # --- fixtures ---------------------------------------------------------------------------
+    @pytest.fixture(scope="class")
+    @classmethod
+    def world(cls):
+        if os.geteuid() != 0:
+            pytest.skip("the contract suite needs root (namespaces, cgroups, interception)")
+        reason = unavailable_reason(cls.mode)
+        if reason:
+            pytest.skip(f"mode {cls.mode} is not available here: {reason}")
+        spec = cls.spec()
+        with TestCluster(nodes=2) as cluster:
+            layout = (("client", 0), ("server", 0), ("bystander", 0), ("remote", 1))
+            pods = {name: cluster.add_pod(node, name) for name, node in layout}
+            sidecars = {}
+            for name, pod in pods.items():
+                pod.start_server([APP_PORT, OTHER_PORT])
+                sidecars[name] = pod.start_sidecar(cls.sidecar_kind, spec=spec)
+            yield World(cluster, pods, sidecars)
+            for node in cluster.nodes:
+                manager = node.manager()
+                for record in manager.records():
+                    manager.disable(record.path)
+                manager.backend(cls.mode).teardown()
+
+    @pytest.fixture(autouse=True)
+    def _disable_after_each_test(self, world):
+        yield
+        for node in world.cluster.nodes:
+            manager = node.manager()
+            for record in manager.records():
+                manager.disable(record.path)
+        for name, sidecar in world.sidecars.items():
+            assert sidecar.running(), f"the {self.sidecar_kind} sidecar of {name} died: {sidecar.stderr()[-2000:]}"
+
+    # --- helpers ----------------------------------------------------------------------------
+    @classmethod
+    def spec(cls, **changes) -> InterceptSpec:
+        return InterceptSpec.build(**{**cls.base_spec, **changes})
+
+    def enable(self, pod: Pod, **spec_changes) -> dict:
+        return pod.node.manager().enable(pod.netns.name, self.mode, self.spec(**spec_changes))
+
+    def disable(self, pod: Pod) -> dict:
+        return pod.node.manager().disable(pod.netns.name)
+
+    def status(self, pod: Pod) -> List[dict]:
+        return pod.node.manager().status(pod.netns.name)["namespaces"]
+
+    def outbound_entry(self, world: World, pod: Pod, reply: Received, since: int = 0) -> dict:
+        """The pod's sidecar entry for the client connection that got `reply`; fails if none."""
+        sidecar = world.sidecars[pod.name]
+        found = sidecar.wait_for(lambda e: e["direction"] == "outbound" and e["peer"] == reply.local, since=since)
+        assert len(found) == 1, (f"expected one outbound entry for {reply.local} in {pod.name}'s sidecar, "
+                                 f"got {sidecar.connections(since)}")
+        return found[0]
+
+    def inbound_entry(self, world: World, pod: Pod, peer: str, since: int = 0) -> dict:
+        sidecar = world.sidecars[pod.name]
+        found = sidecar.wait_for(lambda e: e["direction"] == "inbound" and e["peer"] == peer, since=since)
+        assert len(found) == 1, (f"expected one inbound entry from {peer} in {pod.name}'s sidecar, "
+                                 f"got {sidecar.connections(since)}")
+        return found[0]
+
+    def assert_untouched_sidecar(self, world: World, pod: Pod, since: int, settle: float = 0.3) -> None:
+        extra = world.sidecars[pod.name].wait_for(since=since, timeout=settle)
+        assert extra == [], f"{pod.name}'s sidecar saw connections it should not have: {extra}"
+
+    def leftovers(self, world: World, pod: Pod) -> List[str]:
+        """What of ours is still in the pod's namespace after disable; backends may extend this."""
+        found = []
+        for legacy in (True, False):
+            for line in pod.iptables_save("nat", legacy=legacy).splitlines():
+                if re.search(r"\bMI_|meshintercept|REDIRECT --to-ports (15001|15003)\b", line):
+                    found.append(f"{'legacy' if legacy else 'nft'} iptables: {line}")
+        qdiscs = pod.run(["tc", "qdisc", "show", "dev", pod.ifname]).stdout
+        if "clsact" in qdiscs:
+            found.append(f"tc qdisc: {qdiscs.strip()}")
+        for hook in ("ingress", "egress"):
+            filters = pod.run(["tc", "filter", "show", "dev", pod.ifname, hook]).stdout.strip()
+            if filters:
+                found.append(f"tc {hook} filter: {filters}")
+        return found
+
+    # --- outbound ---------------------------------------------------------------------------
+    def test_outbound_goes_through_the_sidecar_with_the_true_original_destination(self, world):
+        client, remote = world.client, world.remote
+        self.enable(client)
+        reply = client.connect(remote.ip, APP_PORT, send=b"hello")
+        assert reply.greeting()["pod"] == "remote"
+        assert not reply.direct, "the server saw the client itself: nothing intercepted the connection"
+        entry = self.outbound_entry(world, client, reply)
+        assert entry["original_dst"] == f"{remote.ip}:{APP_PORT}"
+        assert entry["upstream"] == f"{remote.ip}:{APP_PORT}" and entry["error"] is None
+        assert reply.greeting()["peer"] == entry["upstream_local"], "the server must see the sidecar's connection"
+        assert reply.trailer()["received"] == 5 and entry["bytes_up"] == 5
+
+    def test_excluded_outbound_ports_go_direct(self, world):
+        client, remote = world.client, world.remote
+        self.enable(client, exclude_outbound_ports=[OTHER_PORT])
+        mark = world.sidecars["client"].mark()
+        direct = client.connect(remote.ip, OTHER_PORT)
+        assert direct.direct and direct.greeting()["port"] == OTHER_PORT
+        proxied = client.connect(remote.ip, APP_PORT)
+        assert not proxied.direct
+        entry = self.outbound_entry(world, client, proxied, since=mark)
+        assert entry["original_dst"] == f"{remote.ip}:{APP_PORT}"
+        seen = {e["original_dst"] for e in world.sidecars["client"].connections(mark)}
+        assert f"{remote.ip}:{OTHER_PORT}" not in seen
+
+    def test_excluded_outbound_cidrs_go_direct(self, world):
+        client, server, remote = world.client, world.server, world.remote
+        self.enable(client, exclude_outbound_cidrs=[str(remote.node.pod_cidr)])
+        assert client.connect(remote.ip, APP_PORT).direct
+        proxied = client.connect(server.ip, APP_PORT)
+        assert not proxied.direct
+        assert self.outbound_entry(world, client, proxied)["original_dst"] == f"{server.ip}:{APP_PORT}"
+        self.enable(client, exclude_outbound_cidrs=[f"{server.ip}/32"])
+        assert client.connect(server.ip, APP_PORT).direct
+        assert not client.connect(remote.ip, APP_PORT).direct
+
+    def test_the_proxy_uid_is_not_intercepted_and_the_sidecar_does_not_loop(self, world):
+        client, remote = world.client, world.remote
+        spec = self.enable(client)["spec"]
+        mark = world.sidecars["client"].mark()
+        own = client.connect(remote.ip, APP_PORT, uid=spec["proxy_uid"])
+        assert own.direct, "a connection of the proxy UID was redirected"
+        self.assert_untouched_sidecar(world, client, mark)
+        app = client.connect(remote.ip, APP_PORT)
+        entry = self.outbound_entry(world, client, app, since=mark)
+        # The sidecar's own upstream connection must not come back to it as a second entry.
+        again = world.sidecars["client"].wait_for(since=mark, count=2, timeout=0.3)
+        assert again == [entry], f"the sidecar saw its own connection: {again}"
+
+    # --- inbound ----------------------------------------------------------------------------
+    @pytest.mark.parametrize("source", ["bystander", "remote"], ids=["same-node", "cross-node"])
+    def test_inbound_goes_through_the_sidecar(self, world, source):
+        server, src = world.server, world.pods[source]
+        self.enable(server)
+        reply = src.connect(server.ip, APP_PORT, send=b"in")
+        assert reply.greeting()["pod"] == "server"
+        entry = self.inbound_entry(world, server, reply.local)
+        assert entry["original_dst"] == f"{server.ip}:{APP_PORT}" and entry["error"] is None
+        seen_by_app = reply.greeting()["peer"]
+        assert seen_by_app == entry["upstream_local"], "the app must see the connection coming from the sidecar"
+        assert seen_by_app.startswith("127.0.0.1:")
+        assert reply.greeting()["local"] == f"127.0.0.1:{APP_PORT}"
+        assert reply.trailer()["received"] == 2
+
+    def test_excluded_inbound_ports_go_direct(self, world):
+        server, src = world.server, world.bystander
+        self.enable(server, exclude_inbound_ports=[OTHER_PORT])
+        mark = world.sidecars["server"].mark()
+        assert src.connect(server.ip, OTHER_PORT).direct
+        proxied = src.connect(server.ip, APP_PORT)
+        assert not proxied.direct
+        self.inbound_entry(world, server, proxied.local, since=mark)
+        assert f"{server.ip}:{OTHER_PORT}" not in {e["original_dst"] for e in world.sidecars["server"].connections(mark)}
+
+    def test_included_inbound_ports_restrict_interception(self, world):
+        server, src = world.server, world.remote
+        self.enable(server, include_inbound_ports=[APP_PORT])
+        proxied = src.connect(server.ip, APP_PORT)
+        assert not proxied.direct
+        assert self.inbound_entry(world, server, proxied.local)["original_dst"] == f"{server.ip}:{APP_PORT}"
+        assert src.connect(server.ip, OTHER_PORT).direct
+
+    # --- both ends --------------------------------------------------------------------------
+    @pytest.mark.parametrize("dest", ["server", "remote"], ids=["same-node", "cross-node"])
+    def test_client_and_server_both_intercepted(self, world, dest):
+        client, target = world.client, world.pods[dest]
+        self.enable(client)
+        self.enable(target)
+        reply = client.connect(target.ip, APP_PORT, send=b"both")
+        out = self.outbound_entry(world, client, reply)
+        assert out["original_dst"] == f"{target.ip}:{APP_PORT}"
+        inbound = self.inbound_entry(world, target, out["upstream_local"])
+        assert inbound["original_dst"] == f"{target.ip}:{APP_PORT}"
+        assert reply.greeting()["peer"] == inbound["upstream_local"]
+        assert reply.trailer()["received"] == 4
+
+    def test_long_transfer_arrives_intact_through_both_sidecars(self, world):
+        client, remote = world.client, world.remote
+        self.enable(client)
+        self.enable(remote)
+        result = client.transfer(remote.ip, OTHER_PORT, up=20 * MB, down=20 * MB)
+        assert result.intact, f"sha256 mismatch: {result}"
+        assert result.sent == result.received == 20 * MB
+        assert result.greeting["pod"] == "remote" and result.greeting["peer"].startswith("127.0.0.1:")
+        out = world.sidecars["client"].wait_for(lambda e: e["peer"] == result.local)
+        assert len(out) == 1 and out[0]["original_dst"] == f"{remote.ip}:{OTHER_PORT}"
+        assert out[0]["bytes_up"] > 20 * MB and out[0]["bytes_down"] > 20 * MB
+
+    def test_many_concurrent_connections_all_arrive(self, world):
+        client, remote = world.client, world.remote
+        self.enable(client)
+        self.enable(remote)
+        mark = world.sidecars["remote"].mark()
+        summary = client.connect_many(remote.ip, APP_PORT, count=200, parallel=40)
+        assert summary == {"ok": 200, "failed": 0, "errors": {}, "greetings": {"remote": 200}}
+        logged = world.sidecars["remote"].wait_for(lambda e: e["direction"] == "inbound", since=mark, count=200)
+        assert len(logged) == 200
+
+    # --- scope ------------------------------------------------------------------------------
+    def test_a_namespace_that_is_not_enabled_is_untouched(self, world):
+        client, bystander, remote = world.client, world.bystander, world.remote
+        assert bystander.cgroup_path == client.cgroup_path, "same node, same cgroup: the hard case"
+        self.enable(client)
+        mark = world.sidecars["bystander"].mark()
+        assert bystander.connect(remote.ip, APP_PORT).direct
+        assert remote.connect(bystander.ip, APP_PORT).direct
+        assert client.connect(bystander.ip, APP_PORT).greeting()["pod"] == "bystander"
+        self.assert_untouched_sidecar(world, bystander, mark)
+        assert not client.connect(remote.ip, APP_PORT).direct, "while the enabled neighbour is intercepted"
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def test_disable_restores_direct_traffic_and_leaves_nothing(self, world):
+        client, server = world.client, world.server
+        self.enable(client)
+        self.enable(server)
+        assert not client.connect(server.ip, APP_PORT).direct
+        manager = client.node.manager()
+        records = {r.name: r for r in manager.records()}
+        assert set(records) == {client.netns.name, server.netns.name}
+        assert self.disable(client)["changed"] and self.disable(server)["changed"]
+        mark = {name: world.sidecars[name].mark() for name in ("client", "server")}
+        assert client.connect(server.ip, APP_PORT).direct
+        assert server.connect(client.ip, OTHER_PORT).direct
+        for name in ("client", "server"):
+            self.assert_untouched_sidecar(world, world.pods[name], mark[name])
+        assert manager.status()["namespaces"] == []
+        backend = manager.backend(self.mode)
+        for pod in (client, server):
+            live = backend.inspect(records[pod.netns.name], pod.netns)
+            assert live["in_place"] is False, f"the backend still reports interception in {pod.name}: {live}"
+            assert self.leftovers(world, pod) == []
+
+    def test_enable_twice_and_disable_twice_are_harmless(self, world):
+        client, remote = world.client, world.remote
+        first = self.enable(client)
+        second = self.enable(client)
+        assert first["changed"] is True and second["changed"] is False
+        [item] = self.status(client)
+        assert item["mode"] == self.mode and item["spec"] == self.spec().to_dict()
+        assert item["live"].get("in_place") is True, item["live"]
+        reply = client.connect(remote.ip, APP_PORT)
+        assert not reply.direct
+        self.outbound_entry(world, client, reply)
+        assert self.disable(client)["changed"] is True
+        assert self.disable(client)["changed"] is False
+        assert self.status(client) == []
+        assert client.connect(remote.ip, APP_PORT).direct
+        assert self.leftovers(world, client) == []
+
+    def test_enabling_with_a_changed_spec_replaces_the_old_one(self, world):
+        client, remote = world.client, world.remote
+        self.enable(client, exclude_outbound_ports=[APP_PORT])
+        assert client.connect(remote.ip, APP_PORT).direct
+        assert not client.connect(remote.ip, OTHER_PORT).direct
+        changed = self.enable(client, exclude_outbound_ports=[OTHER_PORT])
+        assert changed["changed"] is True
+        assert not client.connect(remote.ip, APP_PORT).direct
+        assert client.connect(remote.ip, OTHER_PORT).direct
+        [item] = self.status(client)
+        assert item["spec"]["exclude_outbound_ports"] == [OTHER_PORT]
