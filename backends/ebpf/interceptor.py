@@ -1,0 +1,170 @@
+"""`EbpfInterceptor`: the osm-edge/merbridge data path behind the Interceptor interface.
+
+Node-wide: programs loaded once (loader.load) and pinned. Per namespace: one entry in the
+config map keyed by the namespace's netns cookie, its pod IPs in the pod IP map, a
+counters slot, and tc filters on its interfaces. Enable writes the config entry last (that
+is what turns interception on) and disable deletes it first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import List, Optional
+
+from meshintercept import bpf_types as T
+from meshintercept import bpfsys
+from meshintercept.errors import BackendFailure, Conflict, MeshInterceptError, UsageError
+from meshintercept.interceptor import Check, Interceptor
+from meshintercept.netns import Netns
+from meshintercept.spec import InterceptSpec
+from meshintercept.state import NamespaceRecord
+
+from . import maps as nsmaps
+from .pins import NodePins
+
+
+class EbpfInterceptor(Interceptor):
+    name = "ebpf"
+    description = "cgroup connect4/sockops/getsockopt + tc programs (osm-edge/merbridge design)"
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        if not os.path.exists("/sys/fs/cgroup"):
+            return "no cgroup filesystem at /sys/fs/cgroup; the ebpf mode needs cgroup v2."
+        from meshintercept.node import cgroup2_mounts
+
+        if not cgroup2_mounts():
+            return "no cgroup-v2 mount found; mount one with 'mount -t cgroup2 none /sys/fs/cgroup/unified'."
+        return None
+
+    def pins(self) -> NodePins:
+        return NodePins(self.node.pin_dir)
+
+    def _loaded_pins(self, warnings: List[str]) -> NodePins:
+        pins = self.pins()
+        pins.check_layout()
+        if not pins.loaded():
+            from . import loader
+
+            warnings.extend(loader.load(self.node))
+        return pins
+
+    # --- enable -----------------------------------------------------------------------
+    def enable(self, netns: Netns, spec: InterceptSpec, previous: Optional[NamespaceRecord] = None) -> dict:
+        problems = T.limit_problems(spec)
+        if problems:
+            raise UsageError("; ".join(problems) + "; merge ports or CIDRs into fewer entries.")
+        warnings: List[str] = []
+        with self._loaded_pins(warnings) as pins:
+            accelerate = spec.accelerate
+            if accelerate and not pins.accelerate_available():
+                warnings.append("--accelerate ignored: sockhash/sk_msg could not be loaded on this node "
+                                "(see 'meshintercept doctor'); traffic takes the normal path.")
+                accelerate = False
+            cookie = netns.cookie()
+            from . import tc
+
+            prev_tc = (previous.extra.get("tc") if previous else None) or []
+            attached = tc.attach(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), prev_tc)
+            added_ips: List[str] = []
+            try:
+                added_ips = nsmaps.set_pod_ips(pins, cookie, attached["pod_ips"])
+                nsmaps.ensure_counters(pins, cookie)
+                cfg = T.config_from_spec(spec, accelerate=accelerate)
+                bpfsys.map_update(pins.map("config"), T.u64(cookie), T.to_bytes(cfg))
+            except BaseException:
+                if previous is None:
+                    nsmaps.forget_namespace(pins, cookie)
+                    tc.detach(netns, attached["interfaces"])
+                raise
+        return {
+            "netns_cookie": cookie,
+            "pod_ips": [p["ip"] for p in attached["pod_ips"]],
+            "tc": attached["interfaces"],
+            "accelerate": accelerate,
+            "warnings": warnings,
+            "pin_dir": self.node.pin_dir,
+            "cgroup": self.node.cgroup,
+        }
+
+    def plan(self, netns: Netns, spec: InterceptSpec) -> str:
+        problems = T.limit_problems(spec)
+        if problems:
+            raise UsageError("; ".join(problems) + "; merge ports or CIDRs into fewer entries.")
+        pins = self.pins()
+        cookie = netns.cookie()
+        lines = []
+        if not pins.loaded():
+            lines.append(f"load: compile bpf/*.c with bcc, pin programs and maps under {pins.dir}, "
+                         f"attach connect4/sockops/getsockopt to cgroup {self.node.cgroup} with bpf links")
+        cfg = T.config_to_dict(T.config_from_spec(spec))
+        lines.append(f"config map: set netns cookie {cookie} ({netns.name}) = {cfg}")
+        lines.append(f"pod IP map: every IPv4 address in {netns.name} -> cookie {cookie}")
+        lines.append(f"tc: clsact ingress/egress filters (prio {0x4D49}) on each interface of {netns.name} with an IPv4 address")
+        return "\n".join(lines)
+
+    # --- disable ----------------------------------------------------------------------
+    def disable(self, record: NamespaceRecord, netns: Optional[Netns]) -> None:
+        cookie = record.extra.get("netns_cookie")
+        if cookie is None and netns is not None:
+            cookie = netns.cookie()
+        pins = self.pins()
+        try:
+            if cookie is not None and pins.loaded():
+                nsmaps.forget_namespace(pins, cookie)
+        finally:
+            pins.close()
+        if netns is not None:
+            from . import tc
+
+            interfaces = record.extra.get("tc")
+            if interfaces is None:  # no record of ours (failed enable): remove by recognition
+                interfaces = [{"ifindex": v["ifindex"], "qdisc_created": False} for v in tc.status(netns).values()]
+            tc.detach(netns, interfaces)
+
+    # --- status -----------------------------------------------------------------------
+    def inspect(self, record: NamespaceRecord, netns: Optional[Netns]) -> dict:
+        cookie = record.extra.get("netns_cookie")
+        out = {"in_place": False, "netns_cookie": cookie, "pod_ips": record.extra.get("pod_ips", []),
+               "tc": None, "accelerate": False, "debug": False, "counters": None}
+        live_cookie = netns.cookie() if netns is not None else None
+        with self.pins() as pins:
+            if not pins.loaded() or cookie is None:
+                out["problem"] = "the node's programs are not loaded" if not pins.loaded() else "no netns cookie recorded"
+                return out
+            raw = bpfsys.map_lookup(pins.map("config"), T.u64(cookie), ctypes.sizeof(T.Config))
+            if raw:
+                cfg = T.from_bytes(T.Config, raw)
+                out["accelerate"] = bool(cfg.flags & T.CFG_ACCELERATE)
+                out["debug"] = bool(cfg.flags & T.CFG_DEBUG)
+                out["config"] = T.config_to_dict(cfg)
+            out["counters"] = nsmaps.counters(pins, cookie)
+        tc_ok = True
+        if netns is not None:
+            from . import tc
+
+            state = tc.status(netns)
+            out["tc"] = state
+            expected = [e["ifname"] for e in record.extra.get("tc", [])]
+            tc_ok = all(state.get(name, {}).get("ingress") and state.get(name, {}).get("egress") for name in expected)
+        out["in_place"] = bool(raw) and netns is not None and live_cookie == cookie and tc_ok
+        if live_cookie is not None and live_cookie != cookie:
+            out["problem"] = "the namespace's netns cookie changed (recreated); enable it again"
+        return out
+
+    # --- node -------------------------------------------------------------------------
+    def teardown(self) -> List[str]:
+        from . import loader
+
+        return loader.unload(self.node)
+
+    def node_status(self) -> dict:
+        from . import maps
+
+        return maps.node_status(self.node)
+
+    def doctor(self) -> List[Check]:
+        from . import doctor
+
+        return doctor.run(self.node)

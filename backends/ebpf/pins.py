@@ -1,0 +1,134 @@
+"""The node's pinned objects: names, paths, and opening them with BPF_OBJ_GET (no bcc).
+
+Layout under the node's pin directory (bpffs):
+
+    <pin_dir>/v<LAYOUT>/map_<name>    maps   (config, podip, origdst, counters, sock,
+                                               sockhash, events, meta)
+    <pin_dir>/v<LAYOUT>/prog_<name>   programs (connect4, sockops, getsockopt,
+                                               tc_ingress, tc_egress, msg_redirect)
+    <pin_dir>/v<LAYOUT>/link_<name>   bpf links holding the cgroup attachments:
+                                      unpinning (after LINK_DETACH) detaches them
+
+The layout version is in the directory name and in every kernel map name (``mi1_*``), so a
+node loaded by a build with another layout is recognised, never misread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, Optional
+
+from meshintercept import bpf_types as T
+from meshintercept import bpfsys
+from meshintercept.errors import BackendFailure, Conflict
+
+LAYOUT_DIR = f"v{T.LAYOUT_VERSION}"
+LAYOUT_RE = re.compile(r"^v(\d+)$")
+LOADING_RE = re.compile(r"^loading-v\d+-\d+$")  # bpffs refuses names with dots
+
+#: pin name -> (kernel map name, key ctypes, value ctypes or None for special maps)
+MAPS = {
+    "config": ("mi1_config", "u64", T.Config),
+    "podip": ("mi1_podip", "be32", T.Pod),
+    "origdst": ("mi1_origdst", T.Tuple, T.Origin),
+    "counters": ("mi1_counters", "u64", T.Counters),
+    "sock": ("mi1_sock", None, T.Sock),
+    "sockhash": ("mi1_sockhash", T.Tuple, None),
+    "events": ("mi1_events", None, T.Event),
+    "meta": ("mi1_meta", "u32", T.Meta),
+}
+
+#: program pin name -> (function in bpf/, bpf prog type, expected attach type or -1)
+PROGRAMS = {
+    "connect4": ("mi_connect4", bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET4_CONNECT),
+    "sockops": ("mi_sockops", bpfsys.BPF_PROG_TYPE_SOCK_OPS, -1),
+    "getsockopt": ("mi_getsockopt", bpfsys.BPF_PROG_TYPE_CGROUP_SOCKOPT, bpfsys.BPF_CGROUP_GETSOCKOPT),
+    "tc_ingress": ("mi_tc_ingress", bpfsys.BPF_PROG_TYPE_SCHED_CLS, -1),
+    "tc_egress": ("mi_tc_egress", bpfsys.BPF_PROG_TYPE_SCHED_CLS, -1),
+    "msg_redirect": ("mi_msg_redirect", bpfsys.BPF_PROG_TYPE_SK_MSG, -1),
+}
+
+#: cgroup attachments: link pin name -> (program pin name, attach type)
+CGROUP_LINKS = {
+    "connect4": ("connect4", bpfsys.BPF_CGROUP_INET4_CONNECT),
+    "sockops": ("sockops", bpfsys.BPF_CGROUP_SOCK_OPS),
+    "getsockopt": ("getsockopt", bpfsys.BPF_CGROUP_GETSOCKOPT),
+}
+
+#: acceleration is optional: its absence is a warning, not a failure
+OPTIONAL_PROGRAMS = ("msg_redirect",)
+
+
+def layout_dirs(pin_dir: str) -> List[str]:
+    try:
+        return sorted(n for n in os.listdir(pin_dir) if LAYOUT_RE.match(n))
+    except OSError:
+        return []
+
+
+class NodePins:
+    """Open pinned objects on demand; close them all with close() or a with-block."""
+
+    def __init__(self, pin_dir: str):
+        self.pin_dir = pin_dir
+        self.dir = os.path.join(pin_dir, LAYOUT_DIR)
+        self._fds: Dict[str, int] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            bpfsys.close(fd)
+        self._fds.clear()
+
+    def path(self, kind: str, name: str) -> str:
+        return os.path.join(self.dir, f"{kind}_{name}")
+
+    def loaded(self) -> bool:
+        return os.path.exists(self.path("map", "config"))
+
+    def check_layout(self) -> None:
+        """Raise Conflict when the pin dir holds a node of another layout version."""
+        others = [d for d in layout_dirs(self.pin_dir) if d != LAYOUT_DIR]
+        if others:
+            raise Conflict(
+                f"{self.pin_dir} holds programs of another meshintercept build (layout {', '.join(others)}, "
+                f"this build uses {LAYOUT_DIR}); run 'meshintercept disable --all' with that build first, "
+                f"or use another --pin-dir."
+            )
+
+    def fd(self, kind: str, name: str) -> int:
+        key = f"{kind}_{name}"
+        if key not in self._fds:
+            path = self.path(kind, name)
+            try:
+                self._fds[key] = bpfsys.obj_get(path)
+            except FileNotFoundError:
+                raise BackendFailure(f"{path} is missing; the node's programs are not loaded or were removed.") from None
+            except OSError as exc:
+                raise BackendFailure(f"cannot open {path} ({exc.strerror}); run 'meshintercept doctor'.") from None
+        return self._fds[key]
+
+    def map(self, name: str) -> int:
+        return self.fd("map", name)
+
+    def prog(self, name: str) -> int:
+        return self.fd("prog", name)
+
+    def has(self, kind: str, name: str) -> bool:
+        return os.path.exists(self.path(kind, name))
+
+    def meta(self) -> Optional[T.Meta]:
+        if not self.has("map", "meta"):
+            return None
+        raw = bpfsys.map_lookup(self.map("meta"), b"\0\0\0\0", 24)
+        return T.from_bytes(T.Meta, raw) if raw else None
+
+    def accelerate_available(self) -> bool:
+        meta = self.meta()
+        return bool(meta and meta.features & T.FEAT_ACCELERATE)

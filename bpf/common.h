@@ -1,0 +1,172 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every struct and map shared between the programs and user space.
+ *
+ * meshintercept/bpf_types.py mirrors the structs with ctypes; tests/test_ebpf_layout.py
+ * proves both agree on sizes and offsets. Change a layout => bump MI_LAYOUT_VERSION: the
+ * version is part of every map name and of the pin directory, so a node loaded by an older
+ * build is detected instead of misread.
+ *
+ * Conventions: addresses are __be32 (network order, as the kernel hands them over);
+ * ports are __u16 in HOST order (each program converts at its edge, because every hook
+ * context stores ports differently). Padding is explicit.
+ *
+ * Built with -DMI_LAYOUT_CHECK (plain clang, no bcc) only the structs are declared.
+ */
+#pragma once
+
+#define MI_LAYOUT_VERSION 1
+
+#define MI_MAX_PORTS 64 /* per port list in mi_config */
+#define MI_MAX_CIDRS 32 /* excluded outbound CIDRs in mi_config */
+
+#define MI_MAX_NAMESPACES 4096
+#define MI_MAX_POD_IPS 16384
+#define MI_MAX_CONNS 65536 /* per-connection maps; LRU only as a safety net */
+#define MI_EVENT_PAGES 64  /* ring buffer pages (256 KiB) */
+
+/* mi_config.flags */
+#define MI_CFG_DEBUG 0x1      /* bpf_trace_printk + ring buffer events */
+#define MI_CFG_ACCELERATE 0x2 /* sockhash + sk_msg between local sockets */
+
+/* mi_origin.flags: who made the entry and where the flow stands */
+#define MI_ORIG_OUTBOUND 0x1      /* app -> own sidecar (connect4) */
+#define MI_ORIG_INBOUND_LOCAL 0x2 /* sidecar -> managed pod on this node (connect4) */
+#define MI_ORIG_INBOUND_TC 0x4    /* cross-node inbound SYN rewritten by tc */
+#define MI_ORIG_CLAIMED 0x8       /* the accepting socket owns (and will delete) it */
+#define MI_ORIG_FIN_IN 0x10       /* tc saw a FIN towards the pod */
+#define MI_ORIG_FIN_OUT 0x20      /* tc saw a FIN from the pod */
+
+/* mi_sock.flags (per-socket storage) */
+/* The low byte holds the MI_ORIG_OUTBOUND / MI_ORIG_INBOUND_LOCAL kind connect4 chose. */
+#define MI_SOCK_PENDING 0x100    /* connect4 saved an origin, not yet established */
+#define MI_SOCK_WROTE 0x200      /* active side wrote `key` into the origin map */
+#define MI_SOCK_OWNS 0x400       /* passive side claimed `key` and deletes it at close */
+#define MI_SOCK_HASHED 0x800     /* in the sockhash (acceleration) */
+#define MI_SOCK_MSG_REDIR 0x1000 /* sk_msg decided: redirect to the peer */
+#define MI_SOCK_MSG_PASS 0x2000  /* sk_msg decided: normal path for good */
+
+/* mi_event.kind */
+#define MI_EV_CONNECT_OUT 1     /* connect4 rewrote to the outbound port */
+#define MI_EV_CONNECT_IN 2      /* connect4 rewrote to a local pod's inbound port */
+#define MI_EV_CONNECT_SKIP 3    /* connect4 left it alone; reason says why */
+#define MI_EV_ESTABLISHED 4     /* sockops moved the origin to the 4-tuple map */
+#define MI_EV_CLAIMED 5         /* accepting socket took ownership */
+#define MI_EV_CLOSED 6          /* an owner deleted its entry */
+#define MI_EV_ORIGDST 7         /* SO_ORIGINAL_DST answered */
+#define MI_EV_ORIGDST_MISS 8    /* SO_ORIGINAL_DST asked, nothing known */
+#define MI_EV_TC_SYN 9          /* tc rewrote an inbound SYN to the inbound port */
+#define MI_EV_TC_END 10         /* tc removed a finished flow */
+#define MI_EV_MSG_PASS 11       /* sk_msg chose the normal path for a socket */
+#define MI_EV_MSG_REDIR 12      /* sk_msg chose socket-to-socket for a socket */
+
+struct mi_cidr {
+	__be32 addr;
+	__be32 mask;
+};
+
+/* Per managed namespace, keyed by netns cookie. One update = one atomic spec change. */
+struct mi_config {
+	__u32 proxy_uid;
+	__u16 outbound_port;
+	__u16 inbound_port;
+	__u32 flags;
+	__u16 n_exclude_out_ports;
+	__u16 n_exclude_in_ports;
+	__u16 n_include_in_ports; /* 0 = every port */
+	__u16 n_exclude_out_cidrs;
+	__u16 exclude_out_ports[MI_MAX_PORTS];
+	__u16 exclude_in_ports[MI_MAX_PORTS];
+	__u16 include_in_ports[MI_MAX_PORTS];
+	struct mi_cidr exclude_out_cidrs[MI_MAX_CIDRS];
+};
+
+/* A managed pod address on this node, keyed by __be32 IP. */
+struct mi_pod {
+	__u64 netns;
+	__u32 ifindex; /* inside the pod's namespace */
+	__u32 pad;
+};
+
+/* A connection as the ACCEPTING socket sees it, in the accepting socket's namespace.
+ * Also the sockhash key (then as the socket itself sees its own connection). */
+struct mi_tuple {
+	__u64 netns;
+	__be32 local_ip;
+	__be32 remote_ip;
+	__u16 local_port;
+	__u16 remote_port;
+	__u32 pad;
+};
+
+/* The original destination of a connection, keyed by mi_tuple. */
+struct mi_origin {
+	__be32 ip;
+	__u16 port;
+	__u16 flags;
+	__u64 src_netns; /* namespace whose socket or packet created the entry */
+};
+
+/* Per-socket storage (BPF_MAP_TYPE_SK_STORAGE): freed with the socket, so never leaks. */
+struct mi_sock {
+	__be32 orig_ip;
+	__u16 orig_port;
+	__u16 flags;
+	__u64 key_netns;      /* namespace of the accepting side */
+	struct mi_tuple key;  /* origin-map entry this socket wrote or owns */
+	struct mi_tuple peer; /* sockhash key of the peer socket (acceleration) */
+};
+
+/* Per namespace, per CPU (BPF_MAP_TYPE_PERCPU_HASH keyed by netns cookie). */
+struct mi_counters {
+	__u64 redirected_out;
+	__u64 inbound_same_node;
+	__u64 inbound_cross_node;
+	__u64 origdst_answers;
+	__u64 origdst_misses;
+	__u64 msg_redirects;
+	__u64 msg_redirect_bytes;
+	__u64 msg_passes;
+	__u64 map_errors;
+	__u64 flows_closed;
+};
+
+/* Ring buffer record for `meshintercept trace` (only for namespaces with MI_CFG_DEBUG). */
+struct mi_event {
+	__u64 ts_ns;
+	__u64 netns;
+	__u32 kind;
+	__u32 pid;
+	__u32 uid;
+	__be32 src_ip;
+	__be32 dst_ip;
+	__be32 new_ip;
+	__u16 src_port;
+	__u16 dst_port;
+	__u16 new_port;
+	__u16 pad;
+	__s32 reason; /* 0 or the negative errno a worker returned */
+	__u32 pad2;
+};
+
+/* Single-slot array written by the loader: what is loaded, by which build. */
+struct mi_meta {
+	__u32 layout_version;
+	__u32 features; /* MI_FEAT_* */
+	__u64 build_hash;
+	__u64 loaded_at_ns;
+};
+
+#define MI_FEAT_ACCELERATE 0x1 /* sockhash + sk_msg loaded and attached */
+
+#ifndef MI_LAYOUT_CHECK
+/* Map names carry the layout version (kernel map names are at most 15 characters). */
+BPF_TABLE("hash", __u64, struct mi_config, mi1_config, MI_MAX_NAMESPACES);
+BPF_TABLE("hash", __be32, struct mi_pod, mi1_podip, MI_MAX_POD_IPS);
+BPF_TABLE("lru_hash", struct mi_tuple, struct mi_origin, mi1_origdst, MI_MAX_CONNS);
+BPF_TABLE("percpu_hash", __u64, struct mi_counters, mi1_counters, MI_MAX_NAMESPACES);
+BPF_SK_STORAGE(mi1_sock, struct mi_sock);
+BPF_SOCKHASH(mi1_sockhash, struct mi_tuple, MI_MAX_CONNS);
+BPF_RINGBUF_OUTPUT(mi1_events, MI_EVENT_PAGES);
+BPF_ARRAY(mi1_meta, struct mi_meta, 1);
+#endif
