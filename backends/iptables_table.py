@@ -73,6 +73,52 @@ def missing_reason() -> Optional[str]:
     return None
 
 
+def _point_at_libraries() -> None:
+    """Let python-iptables open its libraries by path instead of searching for them.
+
+    Without IPTABLES_LIBDIR it calls ctypes.util.find_library for a dozen name variants of
+    libxtables, libip4tc and its own libxtwrapper, and every call forks ldconfig or gcc:
+    ~90 ms of each CLI run (measured by bench/, see docs/benchmarks.md).
+    """
+    if "IPTABLES_LIBDIR" in os.environ:
+        return
+    import glob
+    import importlib.util
+
+    dirs = []
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    for d in ([f"/usr/lib/{multiarch}", f"/lib/{multiarch}"] if multiarch else []) + ["/usr/lib64", "/usr/lib"]:
+        found = sorted(glob.glob(os.path.join(d, "libxtables.so.*[0-9]")), key=len)
+        if found:
+            dirs.append(d)
+            # "libxtables.so.12": python-iptables then loads exactly that file, as its search would.
+            os.environ.setdefault("PYTHON_IPTABLES_XTABLES_VERSION", found[0].rsplit(".so.", 1)[1].split(".")[0])
+            break
+    spec = importlib.util.find_spec("iptc")
+    if spec and spec.origin:
+        dirs.append(os.path.dirname(os.path.dirname(spec.origin)))  # libxtwrapper*.so sits beside the package
+    if dirs:
+        os.environ["IPTABLES_LIBDIR"] = ":".join(dirs)
+
+
+@contextlib.contextmanager
+def _without_setuptools_distutils():
+    """python-iptables imports distutils only for a fallback path; setuptools' distutils shim
+    makes that import cost ~60 ms. Import the standard library's (or none, on 3.12+) instead."""
+    import sys
+    import warnings
+
+    finders = [f for f in sys.meta_path if type(f).__name__ == "DistutilsMetaFinder"]
+    for finder in finders:
+        sys.meta_path.remove(finder)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        sys.meta_path[0:0] = finders
+
+
 def load_iptc():
     """Import python-iptables, pointing it at the xtables extensions first.
 
@@ -85,8 +131,10 @@ def load_iptc():
     libdir = xtables_libdir()
     if libdir:
         os.environ.setdefault("XTABLES_LIBDIR", libdir)
+    _point_at_libraries()
     try:
-        import iptc  # noqa: F401
+        with _without_setuptools_distutils():
+            import iptc  # noqa: F401
     except ImportError as exc:
         raise EnvironmentMissing(
             f"python-iptables is not importable ({exc}); install it with 'pip install python-iptables'."
