@@ -46,7 +46,7 @@ class IptablesInterceptor(Interceptor):
         _preload()
         summary = netns.run(_enable_inside, ruleset, _where(netns))
         extra = {"table": model.TABLE, "backend": TABLE_BACKEND, "chains": list(ruleset.chains),
-                 "rules": len(ruleset.rules), "changed": summary["changed"]}
+                 "rules": len(ruleset.rules)}
         warnings = probe.warnings_for(netns.name, summary["facts"])
         if warnings:
             extra["warnings"] = warnings
