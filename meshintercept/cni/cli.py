@@ -224,8 +224,9 @@ def _render_repair(data) -> None:
 @cni.command()
 @click.option("--conf-dir", default=inst.default_conf_dir, show_default=inst.DEFAULT_CONF_DIR, metavar="DIR", help=CONF_DIR_HELP)
 @click.option("--bin-dir", default=inst.default_bin_dir, show_default=inst.DEFAULT_BIN_DIR, metavar="DIR", help=BIN_DIR_HELP)
+@click.option("--check", is_flag=True, help="Exit 1 unless the plugin is in the primary config (a readiness probe).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def status(conf_dir, bin_dir, as_json):
+def status(conf_dir, bin_dir, check, as_json):
     """Show whether the plugin is installed, and the pods it attached on this node."""
     from meshintercept.cni.attachments import AttachmentIndex
 
@@ -255,3 +256,5 @@ def status(conf_dir, bin_dir, as_json):
             click.echo(f"warning: {w}", err=True)
 
     _emit(data, as_json, render)
+    if check and not data["installed"]:
+        sys.exit(int(ExitStatus.FAILURE))
