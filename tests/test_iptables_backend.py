@@ -395,7 +395,7 @@ class Listener:
 def _talk(host: str, port: int, uid: int) -> str:
     os.setuid(uid)
     try:
-        with socket.create_connection((host, port), timeout=3) as s:
+        with socket.create_connection((host, port), timeout=10) as s:
             return s.recv(200).decode().strip()
     except OSError as exc:
         return f"error {exc.__class__.__name__}"
