@@ -233,6 +233,23 @@ def test_sidecars_honour_other_ports_and_uids(pods):
             assert [line.split()[1] for line in f if line.startswith("Uid:")] == ["1600"]
     finally:
         sidecar.stop()
+    # Started as root, the sidecar binds, then drops to --uid by itself (how the demo can run it).
+    proc = pods["c"].spawn([sys.executable, "-m", "meshintercept.sidecar", "--outbound-port", "17001",
+                            "--inbound-port", "17003", "--uid", "1700", "--log", "-"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        pods["c"].wait_listening(proc, (17001, 17003))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/status") as f:
+                uids = [line.split()[1:] for line in f if line.startswith("Uid:")][0]
+            if uids == ["1700"] * 4:
+                break
+            time.sleep(0.01)
+        assert uids == ["1700"] * 4
+    finally:
+        proc.terminate()
+        assert proc.wait(5) == 0, "SIGTERM is a clean stop"
     config = haproxy_config(16001, 16003)
     assert "bind :16001" in config and "bind :16003" in config and "server original 0.0.0.0\n" in config
 

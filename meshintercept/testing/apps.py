@@ -14,7 +14,8 @@ Server protocol (mode ``hello``, the default), one connection:
      (with a fixed ``reply`` and no BULK, no trailer: the reply is the whole answer).
 Mode ``http`` answers every HTTP/1.x request with ``200`` and the reply text as body.
 
-Clients print one JSON document on stdout, which the harness parses:
+Clients send, wait for the first bytes of the answer, then half-close and read to EOF.
+They print one JSON document on stdout, which the harness parses:
   connect:  {"ok", "local", "peer", "data_b64"} or {"ok": false, "error": "ECONNREFUSED", ...}
   many:     {"ok": n, "failed": n, "errors": {...}, "greetings": {pod: n}}
   transfer: {"ok", "local", "sent", "sent_sha256", "received", "received_sha256", "server": trailer}
@@ -33,7 +34,6 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 CHUNK = 256 * 1024
 
@@ -178,8 +178,12 @@ def connect_once(host: str, port: int, send: bytes = b"", timeout: float = 5.0) 
         result["peer"] = fmt(sock.getpeername())
         if send:
             sock.sendall(send)
-        sock.shutdown(socket.SHUT_WR)
-        data = _read_all(sock)
+        # Read the first answer before half-closing, as a real client does: a proxy may take
+        # a FIN that arrives while it is still connecting upstream as an abort (HAProxy: "CC").
+        first = sock.recv(CHUNK)
+        if first:
+            sock.shutdown(socket.SHUT_WR)
+        data = first + _read_all(sock) if first else b""
         result.update(ok=True, data_b64=base64.b64encode(data).decode())
     except (OSError, socket.timeout) as exc:
         result.update(error=error_name(exc), message=str(exc))
@@ -206,6 +210,8 @@ def connect_many(host: str, port: int, count: int, parallel: int, timeout: float
             else:
                 summary["failed"] += 1
                 summary["errors"][r["error"]] = summary["errors"].get(r["error"], 0) + 1
+
+    from concurrent.futures import ThreadPoolExecutor  # only this client needs it; keep start-up quick
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(one, range(count)))

@@ -345,7 +345,10 @@ class Pod(_Place):
 
     # --- apps ---------------------------------------------------------------------------
     def _apps(self, *args: str) -> List[str]:
-        return [sys.executable, "-m", "meshintercept.testing.apps", *args]
+        # apps.py is stdlib only: run it by path without site-packages, which starts faster.
+        from meshintercept.testing import apps
+
+        return [sys.executable, "-S", "-E", apps.__file__, *args]
 
     def start_server(self, port: Union[int, Sequence[int]], reply: Optional[str] = None, mode: str = "hello",
                      uid: int = APP_UID, bind: str = "0.0.0.0", timeout: float = 10.0) -> Server:
@@ -554,6 +557,16 @@ class TestCluster:
         node.pods.append(pod)
         self.pods[name] = pod
         return pod
+
+    def adopt_netns(self, names: Iterable[str]) -> None:
+        """Register namespaces made outside `add_pod` (call BEFORE creating them), so that
+        `close()` and `sweep` remove them and their processes. Names must start with ``<id>-``."""
+        names = list(names)
+        for name in names:
+            if not name.startswith(self.id + "-"):
+                raise ValueError(f"namespace {name!r} must start with {self.id}- so sweep can find it")
+        self._objects.netns.extend(n for n in names if n not in self._objects.netns)
+        self._save_registry()
 
     def pod(self, name: str) -> Pod:
         return self.pods[name]

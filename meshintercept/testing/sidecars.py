@@ -156,11 +156,13 @@ class Sidecar:
         return len(self.connections())
 
     def wait_for(self, predicate: Optional[Callable[[dict], bool]] = None, since: int = 0, count: int = 1,
-                 timeout: float = 5.0) -> List[dict]:
+                 timeout: Optional[float] = None) -> List[dict]:
         """Wait until `count` entries (matching `predicate`) are logged; return them all.
 
         A sidecar logs a connection when it ends, a moment after the client saw EOF.
         """
+        if timeout is None:
+            timeout = 10.0 + count / 20  # generous: a loaded 2-core machine delays log lines, not results
         deadline = time.monotonic() + timeout
         while True:
             found = [e for e in self.connections(since) if predicate is None or predicate(e)]
