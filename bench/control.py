@@ -65,6 +65,21 @@ def map_memory(pin_dir: str) -> Dict:
     return {"maps": sorted(maps.values(), key=lambda m: -m["bytes_memlock"]), "total_bytes_memlock": total}
 
 
+def program_stats(pin_dir: str) -> Dict[str, tuple]:
+    """(run_cnt, run_time_ns) of each pinned program (counted while bpf_stats_enabled is on)."""
+    out = {}
+    for root, _dirs, files in os.walk(pin_dir):
+        for name in files:
+            if not name.startswith("prog_"):
+                continue
+            proc = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", os.path.join(root, name)],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                info = json.loads(proc.stdout)
+                out[name[5:]] = (info.get("run_cnt", 0), info.get("run_time_ns", 0))
+    return out
+
+
 def map_entries(pin_dir: str) -> Dict[str, int]:
     """Entry count of each pinned map (to show what grows with the namespace count)."""
     out = {}

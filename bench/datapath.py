@@ -40,6 +40,22 @@ class ModeUnavailable(Exception):
     pass
 
 
+class bpf_stats:
+    """Turn on kernel.bpf_stats_enabled (run_cnt/run_time_ns per program) and restore it."""
+
+    PATH = "/proc/sys/kernel/bpf_stats_enabled"
+
+    def __enter__(self):
+        with open(self.PATH) as f:
+            self.old = f.read().strip()
+        with open(self.PATH, "w") as f:
+            f.write("1")
+
+    def __exit__(self, *exc):
+        with open(self.PATH, "w") as f:
+            f.write(self.old)
+
+
 class DataPathBench:
     def __init__(self, cluster, seconds: float = 3, connections: int = 16, log=print):
         self.cluster = cluster
@@ -131,14 +147,50 @@ class DataPathBench:
             url, conns, close = self.url(mode, placement, "/big"), 1, False
         else:
             url, conns, close = self.url(mode, placement), self.connections, test == "close"
+        load1 = float(open("/proc/loadavg").read().split()[0])
         cpu0 = sum(n.cpu_usec() for n in self.cluster.nodes)
         res = apps.run_wrk(self.client, url, self.seconds, conns, close=close)
+        res["load1"] = load1
         cpu = sum(n.cpu_usec() for n in self.cluster.nodes) - cpu0
         res["cpu_s"] = cpu / 1e6
         res["cpu_us_per_req"] = cpu / res["requests"]
         if test == "bulk":
             res["cpu_s_per_gib"] = (cpu / 1e6) / max(res["requests"] * apps.BIG_BYTES / (1 << 30), 1e-9)
         return res
+
+    def profile_programs(self, mode: str, placements: List[str]) -> Dict:
+        """One extra pass with kernel.bpf_stats_enabled: runs and ns per request of each program.
+
+        Kept out of the measured rounds because the statistics add a little to every run.
+        """
+        from bench.control import program_stats
+
+        out: Dict = {}
+        try:
+            self.apply(mode)
+        except ModeUnavailable as exc:
+            return {"error": str(exc)}
+        try:
+            with bpf_stats():
+                for placement in placements:
+                    for test in ("keepalive", "close"):
+                        before = {n.name: program_stats(n.node.pin_dir) for n in self.cluster.nodes}
+                        res = self.measure(mode, placement, test)
+                        after = {n.name: program_stats(n.node.pin_dir) for n in self.cluster.nodes}
+                        rows = []
+                        for node, progs in after.items():
+                            for name, (cnt, ns) in sorted(progs.items()):
+                                c0, n0 = before[node].get(name, (0, 0))
+                                if cnt > c0:
+                                    rows.append({"node": node, "program": name,
+                                                 "runs_per_req": (cnt - c0) / res["requests"],
+                                                 "ns_per_run": (ns - n0) / (cnt - c0),
+                                                 "us_per_req": (ns - n0) / 1000 / res["requests"]})
+                        out[f"{placement}/{test}"] = {"rps": res["rps"], "cpu_us_per_req": res["cpu_us_per_req"],
+                                                      "programs": rows}
+        finally:
+            self.clear(mode)
+        return out
 
     def run(self, rounds: int, modes: List[str] = MODES, placements: List[str] = PLACEMENTS) -> Dict:
         unavailable: Dict[str, str] = {}
@@ -174,7 +226,13 @@ class DataPathBench:
                                      + f"  cpu {res['cpu_us_per_req']:.1f} us/req err {res['errors']}")
                 finally:
                     self.clear(mode)
+        profiles = {}
+        for mode in ("ebpf", "ebpf-accel"):
+            if mode in modes and mode not in unavailable:
+                self.log(f"  {mode}: per-program profile (bpf_stats)")
+                profiles[mode] = self.profile_programs(mode, placements)
         return {
+            "program_profile": profiles,
             "seconds": self.seconds, "connections": self.connections, "rounds": rounds,
             "modes": modes, "placements": placements, "tests": TESTS,
             "samples": self.samples, "unavailable": unavailable, "events": self.events,

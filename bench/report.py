@@ -101,6 +101,27 @@ def datapath_tables(dp: Dict) -> List[str]:
     return lines
 
 
+def program_tables(dp: Dict) -> List[str]:
+    prof = dp.get("program_profile") or {}
+    lines: List[str] = []
+    for mode, cases in prof.items():
+        if "error" in cases:
+            lines.append(f"* `{mode}`: {cases['error']}")
+            continue
+        lines += [f"**{MODE_LABEL.get(mode, mode)}** — eBPF program runs per request and their cost "
+                  "(`kernel.bpf_stats_enabled`, one extra pass outside the measured rounds):", "",
+                  "| case | program (node) | runs/req | ns/run | µs/req | share of CPU/req |", "|---|---|---:|---:|---:|---:|"]
+        for case, c in cases.items():
+            total = sum(r["us_per_req"] for r in c["programs"])
+            for r in c["programs"]:
+                lines.append(f"| {case} | {r['program']} ({r['node']}) | {r['runs_per_req']:.2f} | {r['ns_per_run']:.0f} "
+                             f"| {r['us_per_req']:.2f} | |")
+            share = total / c["cpu_us_per_req"] * 100 if c.get("cpu_us_per_req") else 0
+            lines.append(f"| {case} | **all programs** | | | **{total:.2f}** | **{share:.1f} %** of {c['cpu_us_per_req']:.0f} µs |")
+        lines.append("")
+    return lines
+
+
 def spread(dp: Dict, placement: str, mode: str, test: str, key: str) -> str:
     vals = [s.get(key) for s in dp.get("samples", []) if s["placement"] == placement and s["mode"] == mode
             and s["test"] == test]
@@ -259,16 +280,27 @@ def targets(res: Dict) -> List[str]:
         def g(mode, test, key="rps"):
             return metric(m, P, mode, test, key)
 
+        def eff(mode, base, test):
+            # Throughput per CPU second, as a ratio: robust to CPU time other tenants take from us.
+            key = "cpu_s_per_gib" if test == "bulk" else "cpu_us_per_req"
+            return ratio(g(base, test, key), g(mode, test, key))
+
         checks = [
-            ("`ebpf` keep-alive req/s ≥ 0.97 × `explicit` (same node)", ratio(g("ebpf", "keepalive"), g("explicit", "keepalive")), 0.97),
-            ("`ebpf` keep-alive req/s ≥ 1.15 × `iptables` (same node)", ratio(g("ebpf", "keepalive"), g("iptables", "keepalive")), 1.15),
-            ("`ebpf` new connections/s ≥ 1.15 × `iptables` (same node)", ratio(g("ebpf", "close"), g("iptables", "close")), 1.15),
-            ("`ebpf --accelerate` keep-alive req/s ≥ 1.10 × `ebpf` (same node)", ratio(g("ebpf-accel", "keepalive"), g("ebpf", "keepalive")), 1.10),
+            ("`ebpf` keep-alive req/s ≥ 0.97 × `explicit` (same node)",
+             ratio(g("ebpf", "keepalive"), g("explicit", "keepalive")), eff("ebpf", "explicit", "keepalive"), 0.97),
+            ("`ebpf` keep-alive req/s ≥ 1.15 × `iptables` (same node)",
+             ratio(g("ebpf", "keepalive"), g("iptables", "keepalive")), eff("ebpf", "iptables", "keepalive"), 1.15),
+            ("`ebpf` new connections/s ≥ 1.15 × `iptables` (same node)",
+             ratio(g("ebpf", "close"), g("iptables", "close")), eff("ebpf", "iptables", "close"), 1.15),
+            ("`ebpf --accelerate` keep-alive req/s ≥ 1.10 × `ebpf` (same node)",
+             ratio(g("ebpf-accel", "keepalive"), g("ebpf", "keepalive")), eff("ebpf-accel", "ebpf", "keepalive"), 1.10),
             ("`ebpf --accelerate` one-stream throughput ≥ 1.10 × `ebpf` (same node)",
-             ratio(g("ebpf-accel", "bulk", "bytes_per_s"), g("ebpf", "bulk", "bytes_per_s")), 1.10),
+             ratio(g("ebpf-accel", "bulk", "bytes_per_s"), g("ebpf", "bulk", "bytes_per_s")),
+             eff("ebpf-accel", "ebpf", "bulk"), 1.10),
         ]
-        for name, value, want in checks:
-            rows.append((name, f_ratio(value), "–" if value is None else ("met" if value >= want else "**missed**")))
+        for name, value, per_cpu, want in checks:
+            verdict = "–" if value is None else ("met" if value >= want else "**missed**")
+            rows.append((name, f"{f_ratio(value)} (per CPU: {f_ratio(per_cpu)})", verdict))
         mc = datapath_medians(dp).get("cross-node", {})
         if mc:
             v = ratio(metric(m, "cross-node", "ebpf", "close", "rps"), metric(m, "cross-node", "iptables", "close", "rps"))
@@ -290,7 +322,10 @@ def targets(res: Dict) -> List[str]:
                          "–" if flat is None else ("met" if flat <= 1.5 else "**missed**")))
         for mode, why in cp.get("unavailable", {}).items():
             rows.append((f"{mode}: control-plane targets", "not measured", why[:120]))
-    lines = ["| target | measured | verdict |", "|---|---:|---|"]
+    lines = ["The verdict is on the measured ratio of medians. \"Per CPU\" is the same ratio computed from CPU "
+             "time per request (or per GiB) of our cgroups instead of from wall-clock throughput; it does not "
+             "depend on how much CPU other tenants of the machine left us.", "",
+             "| target | measured | verdict |", "|---|---:|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.append("")
     return lines
@@ -326,6 +361,8 @@ def generate(res: Dict, result_path: str) -> str:
         lines += datapath_tables(dp)
         if chart(dp):
             lines += ["![data-path ratios](benchmarks-datapath.png)", ""]
+        if dp.get("program_profile"):
+            lines += ["#### Where the eBPF programs spend their time", ""] + program_tables(dp)
     cp = res.get("control")
     if cp:
         lines += ["### Control plane", ""] + control_tables(cp)
