@@ -188,6 +188,8 @@ def _render_enable(result):
         f"(outbound :{spec['outbound_port']}, inbound :{spec['inbound_port']}, proxy uid {spec['proxy_uid']}) "
         f"in {result['elapsed_ms']:.1f} ms"
     )
+    for warning in result.get("warnings", []):
+        click.echo(f"meshintercept: warning: {warning}", err=True)
 
 
 # --- disable --------------------------------------------------------------------------------

@@ -70,11 +70,13 @@ class Manager:
             self.store.put(record)
         return self._result(record, changed=True, started=started)
 
+
     @staticmethod
     def _result(record: NamespaceRecord, changed: bool, started: float) -> dict:
         return {
             "namespace": record.name, "path": record.path, "mode": record.mode, "changed": changed,
             "spec": record.spec.to_dict(), "elapsed_ms": round((time.monotonic() - started) * 1000, 2),
+            "warnings": list(record.extra.get("warnings", [])),
         }
 
     @staticmethod

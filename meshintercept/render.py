@@ -99,7 +99,10 @@ def render_doctor(report: dict) -> None:
     for section in report["sections"]:
         console.print(f"[bold]{section['name']}[/]")
         for check in section["checks"]:
-            mark = "[green]ok[/]  " if check["ok"] else ("[yellow]warn[/]" if check["warning"] else "[red]FAIL[/]")
+            if check["warning"]:
+                mark = "[yellow]note[/]" if check["ok"] else "[yellow]warn[/]"
+            else:
+                mark = "[green]ok[/]  " if check["ok"] else "[red]FAIL[/]"
             console.print(f"  {mark} {check['name']}" + (f": {check['detail']}" if check["detail"] else ""))
             if not check["ok"] and check["fix"]:
                 console.print(f"       fix: {check['fix']}")

@@ -30,6 +30,8 @@ def parse_port(value, what: str = "port") -> int:
 
 def split_list(values: Iterable) -> list:
     """Flatten repeated options and comma lists: ("80,443", "8080") -> ["80", "443", "8080"]."""
+    if isinstance(values, (str, int)):
+        values = (values,)
     out = []
     for value in values or ():
         if isinstance(value, (list, tuple)):

@@ -55,3 +55,9 @@ def test_round_trip_through_dict():
 def test_unknown_field_is_rejected():
     with pytest.raises(UsageError, match="unknown spec field"):
         InterceptSpec.build(outbound_prot=1)
+
+
+def test_plain_strings_from_json_or_env_are_lists_too():
+    spec = InterceptSpec.build(exclude_inbound_ports="22,8080", exclude_outbound_ports=53)
+    assert spec.exclude_inbound_ports == (22, 8080)
+    assert spec.exclude_outbound_ports == (53,)
