@@ -125,12 +125,17 @@ def test_add_intercepts_check_passes_del_restores(bed_factory, mode):
     assert entries[0]["pod"] == "default/app"
 
 
-def test_check_fails_when_interception_is_gone_and_add_restores_it(bed_factory):
-    bed = bed_factory("iptables")
+@pytest.mark.parametrize("mode", MODES)
+def test_check_fails_when_interception_is_gone_and_repair_restores_it(bed_factory, mode):
+    bed = bed_factory(mode)
     pod, _ = bed.add_pod("drift")
-    # Someone flushes our rules behind the plugin's back (an init container, a reboot of
-    # iptables state): CHECK must say so with a CNI error.
-    pod.run(["iptables-legacy", "-t", "nat", "-F", "MI_OUTPUT"], check=True)
+    # Interception disappears behind the plugin's back while its record stays: CHECK must say
+    # so with a CNI error.
+    if mode == "iptables":  # someone flushes our chain (an init container, an iptables restore)
+        pod.run(["iptables-legacy", "-t", "nat", "-F", "MI_OUTPUT"], check=True)
+    else:  # the namespace's entries vanish from the node's maps
+        manager = Manager(bed.node.node)
+        manager.backend(mode).disable(manager.store.get(pod.netns.key), pod.netns)
     with pytest.raises(PluginFailed) as failed:
         bed.runtime.check(pod.container_id, pod.netns.path)
     err = failed.value

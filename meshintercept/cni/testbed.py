@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import subprocess
 import sys
 from typing import Optional, Tuple
 
@@ -95,7 +96,11 @@ class CniTestbed:
 
     def new_netns(self, name: str) -> Netns:
         """An empty pod namespace (loopback only), registered with the cluster for cleanup."""
-        return self.cluster._new_netns(name)
+        full = f"{self.cluster.id}-{name}"
+        self.cluster.adopt_netns([full])  # before creating it, so a crash still leaves it sweepable
+        subprocess.run(["ip", "netns", "add", full], check=True, capture_output=True)
+        subprocess.run(["ip", "-n", full, "link", "set", "lo", "up"], check=True, capture_output=True)
+        return Netns.parse(full)
 
     def add_pod(self, name: str, args: str = "", runtime: Optional[ChainRuntime] = None,
                 netns: Optional[Netns] = None) -> Tuple[Pod, dict]:
