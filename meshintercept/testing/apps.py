@@ -175,7 +175,10 @@ def connect_once(host: str, port: int, send: bytes = b"", timeout: float = 5.0) 
     try:
         sock.connect((host, port))
         result["local"] = fmt(sock.getsockname())
-        result["peer"] = fmt(sock.getpeername())
+        try:
+            result["peer"] = fmt(sock.getpeername())
+        except OSError:
+            pass  # already reset by the peer: recv below reports ECONNRESET
         if send:
             sock.sendall(send)
         # Read the first answer before half-closing, as a real client does: a proxy may take
