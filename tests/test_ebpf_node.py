@@ -1,0 +1,228 @@
+"""Node-level behaviour of the ebpf mode: pins, open-without-compile, layout guard, debug and
+trace, maps dump, getsockopt pass-through, disable of a vanished namespace, headers for bcc.
+
+Uses the small topology of ebpf_support (own child cgroup, own pin dir, pods on a bridge).
+"""
+
+import ctypes
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from meshintercept import bpf_types as T
+from meshintercept import bpfsys, kheaders
+from meshintercept.errors import Conflict, EnvironmentMissing, UsageError
+from meshintercept.manager import Manager
+from meshintercept.spec import InterceptSpec
+
+from meshintercept.backends.ebpf import maps as ebpf_maps
+from meshintercept.backends.ebpf import trace as ebpf_trace
+from meshintercept.backends.ebpf.pins import MAPS, NodePins
+
+from ebpf_support import Topology
+
+pytestmark = pytest.mark.ebpf
+
+
+@pytest.fixture
+def topo(tmp_path):
+    t = Topology(str(tmp_path))
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def cli(topo, *args, check=True):
+    env = dict(os.environ, MESHINTERCEPT_CGROUP=topo.node.cgroup, MESHINTERCEPT_PIN_DIR=topo.node.pin_dir,
+               MESHINTERCEPT_STATE_DIR=topo.node.state_dir)
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "meshintercept"), *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_loaded_maps_have_the_sizes_of_the_ctypes_mirror(topo):
+    pod = topo.add_pod("a")
+    Manager(topo.node).enable(pod.name, "ebpf", InterceptSpec())
+    sizes = {"u64": 8, "u32": 4, "be32": 4}
+    with NodePins(topo.node.pin_dir) as pins:
+        for name, (kernel_name, key, value) in MAPS.items():
+            info = bpfsys.map_info(pins.map(name))
+            assert info["name"] == kernel_name
+            if key is not None:
+                assert info["key_size"] == (sizes[key] if isinstance(key, str) else ctypes.sizeof(key)), name
+            if value is not None and name != "events":
+                assert info["value_size"] == ctypes.sizeof(value), name
+
+
+def test_second_namespace_opens_pins_without_bcc_and_a_changed_spec_is_a_map_update(topo):
+    a, b = topo.add_pod("a"), topo.add_pod("b")
+    Manager(topo.node).enable(a.name, "ebpf", InterceptSpec())
+    program_ids = ebpf_maps.node_status(topo.node)["programs"]
+    code = (
+        "import sys, json\n"
+        "from meshintercept.manager import Manager\nfrom meshintercept.node import Node\n"
+        "from meshintercept.spec import InterceptSpec\n"
+        f"node = Node(cgroup={topo.node.cgroup!r}, pin_dir={topo.node.pin_dir!r}, state_dir={topo.node.state_dir!r})\n"
+        f"r1 = Manager(node).enable({b.name!r}, 'ebpf', InterceptSpec())\n"
+        f"r2 = Manager(node).enable({b.name!r}, 'ebpf', InterceptSpec.build(exclude_outbound_ports=[22]))\n"
+        "print(json.dumps({'bcc': 'bcc' in sys.modules, 'ms': [r1['elapsed_ms'], r2['elapsed_ms']]}))\n"
+    )
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert out["bcc"] is False, "a later enable must not import bcc or compile"
+    print("enable of one more namespace / spec change (ms):", out["ms"])
+    assert ebpf_maps.node_status(topo.node)["programs"] == program_ids  # same programs, not reloaded
+    with NodePins(topo.node.pin_dir) as pins:
+        rows = {r["namespace"]: r for r in ebpf_maps.dump(topo.node, Manager(topo.node).records(), "config")["config"]}
+    assert rows[b.name]["exclude_outbound_ports"] == [22]
+    assert rows[a.name]["exclude_outbound_ports"] == []
+
+
+def test_a_pin_dir_of_another_layout_is_refused_not_misread(topo):
+    pod = topo.add_pod("a")
+    from meshintercept.backends.ebpf.loader import ensure_bpffs
+
+    ensure_bpffs(topo.node.pin_dir)
+    os.makedirs(os.path.join(topo.node.pin_dir, "v0"))
+    with pytest.raises(Conflict, match="another meshintercept build"):
+        Manager(topo.node).enable(pod.name, "ebpf", InterceptSpec())
+    os.rmdir(os.path.join(topo.node.pin_dir, "v0"))
+
+
+def test_too_many_ports_is_refused_never_truncated(topo):
+    pod = topo.add_pod("a")
+    spec = InterceptSpec.build(exclude_outbound_ports=list(range(1000, 1000 + T.MAX_PORTS + 1)))
+    with pytest.raises(UsageError, match="at most 64"):
+        Manager(topo.node).enable(pod.name, "ebpf", spec)
+
+
+def test_getsockopt_passes_other_options_and_unknown_connections_untouched(topo):
+    a, b = topo.add_pod("a"), topo.add_pod("b")
+    b.start_server(8080)
+    topo.wait_listening(b, 8080)
+    Manager(topo.node).enable(a.name, "ebpf", InterceptSpec())
+    code = (
+        "import socket, json\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)\n"
+        "r = {'rcvbuf': s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}\n"
+        f"s.connect(('{b.ip}', 8080))\n"  # excluded below: goes direct, nothing known about it
+        "try:\n    s.getsockopt(socket.SOL_IP, 80, 16); r['origdst'] = 'answered'\n"
+        "except OSError as e:\n    r['origdst'] = e.errno\n"
+        "print(json.dumps(r))\n"
+    )
+    Manager(topo.node).enable(a.name, "ebpf", InterceptSpec.build(exclude_outbound_ports=[8080]))
+    inside = json.loads(a.run([sys.executable, "-c", code]))
+    plain = json.loads(b.run([sys.executable, "-c", code.replace(b.ip, "127.0.0.1")]))
+    assert inside["rcvbuf"] == plain["rcvbuf"] > 0
+    # the kernel's own answer (no conntrack entry) stands, exactly as without us
+    assert inside["origdst"] in (errno.ENOENT, errno.ENOPROTOOPT) and inside["origdst"] == plain["origdst"]
+
+
+def test_debug_writes_trace_pipe_lines_and_ring_buffer_events_and_switches_off(topo):
+    a, b = topo.add_pod("a"), topo.add_pod("b")
+    b.start_server(8080)
+    topo.wait_listening(b, 8080)
+    a.start_sidecar()
+    manager = Manager(topo.node)
+    manager.enable(a.name, "ebpf", InterceptSpec.build(debug=True))
+    cookie = manager.store.get(a.netns.key).extra["netns_cookie"]
+    tracefs = ebpf_trace.tracefs()
+    pipe = subprocess.Popen(["cat", os.path.join(tracefs, "trace_pipe")], stdout=subprocess.PIPE)
+    try:
+        names = {cookie: a.name}
+        events = []
+        import threading
+
+        reader = threading.Thread(target=lambda: events.extend(
+            ebpf_trace.stream(topo.node, names, cookie, duration=8, limit=4)))
+        reader.start()
+        time.sleep(0.3)
+        a.call(b.ip, 8080)
+        reader.join()
+        kinds = [e["event"] for e in events]
+        assert kinds[:4] == ["connect-out", "established", "claimed", "origdst"], events
+        assert events[0]["dst"] == f"{b.ip}:8080" and events[0]["to"] == "127.0.0.1:15001"
+        assert events[0]["namespace"] == a.name and events[0]["uid"] == 1600
+        assert events[3]["to"] == f"{b.ip}:8080"
+    finally:
+        pipe.terminate()
+        text = pipe.communicate(timeout=5)[0].decode(errors="replace")
+    lines = [l for l in text.splitlines() if "bpf_trace_printk" in l and " mi " in l]
+    assert any("connect4" in l for l in lines) and any("SO_ORIGINAL_DST" in l for l in lines), text[-2000:]
+    # switch debug off at runtime: the same enable without --debug is one map update
+    manager.enable(a.name, "ebpf", InterceptSpec())
+    switched = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
+    quiet = []
+    reader = __import__("threading").Thread(target=lambda: quiet.extend(
+        ebpf_trace.stream(topo.node, {}, cookie, duration=1.5)))
+    reader.start()
+    time.sleep(0.2)
+    a.call(b.ip, 8080)
+    reader.join()
+    assert [e for e in quiet if e["ts_ns"] > switched] == []
+
+
+def test_maps_dump_and_status_through_the_cli(topo):
+    a, b = topo.add_pod("a"), topo.add_pod("b")
+    b.start_server(8080)
+    topo.wait_listening(b, 8080)
+    a.start_sidecar()
+    cli(topo, "enable", "--mode", "ebpf", "--netns", a.name, "--exclude-outbound-cidr", "10.231.250.0/24")
+    a.call(b.ip, 8080)
+    data = json.loads(cli(topo, "maps", "dump", "--json").stdout)
+    assert {"config", "podip", "origdst", "counters", "sockhash", "meta", "sock", "events"} <= set(data)
+    cfg = data["config"][0]
+    assert cfg["namespace"] == a.name and cfg["exclude_outbound_cidrs"] == ["10.231.250.0/24"]
+    assert data["podip"] == [{"ip": a.ip, "namespace": a.name, "netns_cookie": cfg["netns_cookie"], "ifindex": 2}] or \
+        data["podip"][0]["ip"] == a.ip
+    counters = data["counters"][0]
+    assert counters["namespace"] == a.name and counters["redirected_out"] == 1
+    text = cli(topo, "maps", "dump", "--map", "config").stdout
+    assert a.name in text and "exclude_outbound_cidrs=['10.231.250.0/24']" in text
+    assert cli(topo, "maps", "dump", "--map", "nope", check=False).returncode != 0
+    status = json.loads(cli(topo, "status", "--json").stdout)
+    assert "ebpf" in json.dumps(status)
+
+
+def test_disable_of_a_vanished_namespace_removes_its_map_entries(topo):
+    a = topo.add_pod("a")
+    manager = Manager(topo.node)
+    manager.enable(a.name, "ebpf", InterceptSpec())
+    subprocess.run(["ip", "netns", "del", a.name], check=True)
+    topo.namespaces.remove(a.name)
+    manager.disable(a.name)
+    with NodePins(topo.node.pin_dir) as pins:
+        assert ebpf_maps.count_entries(pins, "config") == 0
+        assert ebpf_maps.count_entries(pins, "podip") == 0
+        assert ebpf_maps.count_entries(pins, "counters") == 0
+
+
+# --- headers for bcc -----------------------------------------------------------------------
+def _fake_tree(root, name):
+    build = root / name / "build"
+    (build / "include" / "generated").mkdir(parents=True)
+    (build / "include" / "generated" / "autoconf.h").write_text("")
+    return root / name
+
+
+def test_kheaders_links_the_running_kernel_to_an_installed_tree(tmp_path):
+    _fake_tree(tmp_path, "5.10.0-1-amd64")
+    newest = _fake_tree(tmp_path, "6.1.0-9-amd64")
+    used = kheaders.ensure(str(tmp_path))
+    own = tmp_path / os.uname().release
+    assert used == str(own) and os.path.realpath(own) == str(newest)
+    assert kheaders.ensure(str(tmp_path)) == str(own)  # idempotent
+
+
+def test_kheaders_names_what_to_install_when_nothing_fits(tmp_path):
+    with pytest.raises(EnvironmentMissing, match="linux-headers"):
+        kheaders.ensure(str(tmp_path))
+    assert not os.path.lexists(tmp_path / os.uname().release)
