@@ -226,3 +226,38 @@ def test_kheaders_names_what_to_install_when_nothing_fits(tmp_path):
     with pytest.raises(EnvironmentMissing, match="linux-headers"):
         kheaders.ensure(str(tmp_path))
     assert not os.path.lexists(tmp_path / os.uname().release)
+
+
+# --- doctor ----------------------------------------------------------------------------------
+def test_doctor_tries_everything_and_all_of_it_works_here(topo):
+    from meshintercept.backends.ebpf import EbpfInterceptor
+
+    checks = {c.name: c for c in EbpfInterceptor(topo.node).doctor()}
+    failed = {name: (c.detail, c.fix) for name, c in checks.items() if not c.ok}
+    assert not failed, failed
+    for name in ("program connect4 attaches to a cgroup", "program getsockopt loads", "program tc_ingress loads",
+                 "sockhash + sk_msg (--accelerate)", "kernel headers for bcc", "connect4 hook free of other programs"):
+        assert name in checks
+    # the throwaway cgroups are gone again
+    assert not [d for d in os.listdir(topo.node.cgroup) if d.startswith("mi-doctor-")]
+
+
+def test_doctor_names_a_foreign_connect4_program_and_its_fix(topo):
+    from bcc import BPF
+
+    from meshintercept.backends.ebpf import EbpfInterceptor
+
+    foreign = BPF(text=b"int foreign_lb4(struct bpf_sock_addr *ctx) { return 1; }")
+    fn = foreign.load_func(b"foreign_lb4", BPF.CGROUP_SOCK_ADDR, attach_type=bpfsys.BPF_CGROUP_INET4_CONNECT)
+    cg = os.open(topo.node.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    link = bpfsys.link_create(fn.fd, cg, bpfsys.BPF_CGROUP_INET4_CONNECT)
+    try:
+        checks = {c.name: c for c in EbpfInterceptor(topo.node).doctor()}
+        check = checks["connect4 hook free of other programs"]
+        assert not check.ok and check.warning
+        assert "foreign_lb4" in check.detail and "hostNamespaceOnly" in check.fix
+    finally:
+        bpfsys.link_detach(link)
+        bpfsys.close(link)
+        os.close(cg)
+        foreign.cleanup()

@@ -1,12 +1,237 @@
-"""`doctor` for the ebpf mode: try each thing for real, name the fix of each failure."""
+"""`doctor` for the ebpf mode: try each thing for real, name the fix of each failure.
+
+Nothing here trusts a version number. Programs are compiled, loaded and attached in a
+throwaway child cgroup that is removed again; maps are created and closed. The node's own
+attach point is only read (which programs sit at its connect4 hook).
+"""
 
 from __future__ import annotations
 
-from typing import List
+import os
+import secrets
+import shutil
+import subprocess
+from typing import List, Optional
 
+from meshintercept import bpfsys, kheaders
 from meshintercept.interceptor import Check
 from meshintercept.node import Node
 
+from .pins import CGROUP_LINKS, PROGRAMS, NodePins
+
+BPF_F_QUERY_EFFECTIVE = 1
+
+
+def _try(name: str, fn, fix: str, warning: bool = False) -> Check:
+    try:
+        detail = fn() or ""
+        return Check(name, True, detail)
+    except Exception as exc:  # noqa: BLE001 - a doctor reports, it never raises
+        message = getattr(exc, "message", None) or str(exc)
+        return Check(name, False, message, fix, warning=warning)
+
+
+def _root():
+    if os.geteuid() != 0:
+        raise PermissionError("not running as root")
+    return "running as root"
+
+
+def _cgroup(node: Node):
+    from .loader import open_cgroup
+
+    os.close(open_cgroup(node.cgroup))
+    return f"{node.cgroup} is cgroup v2"
+
+
+def _bpffs(node: Node):
+    from .loader import DEFAULT_BPFFS, is_bpffs
+
+    if is_bpffs(node.pin_dir):
+        return f"{node.pin_dir} is on bpffs"
+    if node.pin_dir.startswith(DEFAULT_BPFFS):
+        return f"bpffs is not mounted at {DEFAULT_BPFFS}; the first enable mounts it"
+    raise RuntimeError(f"{node.pin_dir} is not on a bpf filesystem")
+
+
+def _tracefs():
+    from .trace import TRACEFS_CANDIDATES
+
+    for path in TRACEFS_CANDIDATES:
+        if os.path.exists(os.path.join(path, "trace_pipe")):
+            return f"trace_pipe at {path}"
+    raise RuntimeError("tracefs is not mounted (debug lines cannot be read)")
+
+
+def _headers():
+    found = kheaders.find()
+    if found is None:
+        raise RuntimeError(f"no kernel headers for bcc under {kheaders.MODULES_ROOT}")
+    own = os.path.join(kheaders.MODULES_ROOT, kheaders.running_release())
+    if os.path.realpath(found) == os.path.realpath(own):
+        return f"{own} -> {os.path.realpath(own)}"
+    return f"{own} missing; enable links it to {found}"
+
+
+def _bcc():
+    import bcc  # noqa: F401
+
+    return f"bcc from {os.path.dirname(bcc.__file__)}"
+
+
+class _Throwaway:
+    """A child cgroup to attach test programs to; removed on exit."""
+
+    def __init__(self, parent: str):
+        self.path = os.path.join(parent, f"mi-doctor-{secrets.token_hex(3)}")
+
+    def __enter__(self):
+        os.mkdir(self.path)
+        return self.path
+
+    def __exit__(self, *exc):
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
+def _programs(node: Node) -> List[Check]:
+    """Compile once; each program type must load, cgroup ones attach in a throwaway cgroup."""
+    from . import loader
+
+    checks: List[Check] = []
+    try:
+        bpf = loader.compile_programs()
+    except Exception as exc:  # noqa: BLE001
+        return [Check("programs compile (bcc)", False, getattr(exc, "message", str(exc)),
+                      "install python3-bpfcc and kernel headers (see the checks above)")]
+    checks.append(Check("programs compile (bcc)", True, "bpf/*.c compiled"))
+    fds = {}
+    try:
+        for name in PROGRAMS:
+            check = _try(f"program {name} loads", lambda n=name: fds.__setitem__(n, loader.load_program(bpf, n)),
+                         "the kernel lacks this program type or helper; use a kernel >= 5.10 with "
+                         "CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, CONFIG_NET_CLS_BPF",
+                         warning=name == "msg_redirect")
+            checks.append(check)
+        with _Throwaway(node.cgroup) as cgroup:
+            cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for link_name, (prog, attach_type) in CGROUP_LINKS.items():
+                    if prog not in fds:
+                        continue
+
+                    def attach(prog=prog, attach_type=attach_type):
+                        link = bpfsys.link_create(fds[prog], cg_fd, attach_type)
+                        bpfsys.link_detach(link)
+                        bpfsys.close(link)
+                        return "attached and detached in a throwaway cgroup"
+
+                    checks.append(_try(f"program {prog} attaches to a cgroup", attach,
+                                       "cgroup-v2 BPF attachment failed; on v1/v2 hybrid hosts before 5.15 "
+                                       "net_cls/net_prio disable it: boot with cgroup_no_v1=net_cls,net_prio"))
+            finally:
+                os.close(cg_fd)
+
+        def sockhash():
+            fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_SOCKHASH, 24, 4, 16, "mi_doctor")
+            try:
+                if "msg_redirect" in fds:
+                    bpfsys.prog_attach(fds["msg_redirect"], fd, bpfsys.BPF_SK_MSG_VERDICT)
+                    bpfsys.prog_detach(fds["msg_redirect"], fd, bpfsys.BPF_SK_MSG_VERDICT)
+            finally:
+                bpfsys.close(fd)
+            return "sockhash created, sk_msg attached (--accelerate available)"
+
+        checks.append(_try("sockhash + sk_msg (--accelerate)", sockhash,
+                           "acceleration is unavailable on this kernel; run without --accelerate", warning=True))
+    finally:
+        bpf.cleanup()
+    return checks
+
+
+def _foreign_connect4(node: Node):
+    """Programs at the node's connect4 hook that are not ours (e.g. Cilium's socket LB)."""
+    ours = set()
+    with NodePins(node.pin_dir) as pins:
+        if pins.loaded() and pins.has("prog", "connect4"):
+            ours.add(bpfsys.prog_info(pins.prog("connect4"))["id"])
+    fd = os.open(node.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ids = bpfsys.prog_query(fd, bpfsys.BPF_CGROUP_INET4_CONNECT)
+        effective = _query_effective(fd)
+    finally:
+        os.close(fd)
+    foreign = []
+    for pid in sorted(set(ids) | set(effective)):
+        if pid in ours:
+            continue
+        try:
+            pfd = bpfsys.prog_fd_by_id(pid)
+            foreign.append(f"{bpfsys.prog_info(pfd)['name'] or '?'} (id {pid})")
+            bpfsys.close(pfd)
+        except OSError:
+            foreign.append(f"id {pid}")
+    if foreign:
+        raise RuntimeError(
+            f"other connect4 programs run for this cgroup: {', '.join(foreign)}; a socket load balancer "
+            f"(Cilium) rewrites service addresses before ours and sidecars are bypassed"
+        )
+    return "no other program at the connect4 hook"
+
+
+def _query_effective(fd: int) -> List[int]:
+    import ctypes
+    import struct
+
+    ids = (ctypes.c_uint32 * 64)()
+    attr = ctypes.create_string_buffer(bpfsys.ATTR_SIZE)
+    struct.pack_into("=IIIIQI", attr, 0, fd, bpfsys.BPF_CGROUP_INET4_CONNECT, BPF_F_QUERY_EFFECTIVE, 0,
+                     ctypes.addressof(ids), 64)
+    bpfsys.sys_bpf(bpfsys.BPF_PROG_QUERY, attr, "prog query")
+    count = struct.unpack_from("=I", attr, 24)[0]
+    return [ids[i] for i in range(min(count, 64))]
+
+
+def _leftover_redirects(node: Node):
+    """REDIRECT rules in namespaces the ebpf mode manages would intercept first."""
+    from meshintercept.state import StateStore
+
+    found = []
+    nsenter = shutil.which("nsenter")
+    for record in StateStore(node.state_dir).all():
+        if record.mode != "ebpf" or not os.path.exists(record.path) or not nsenter:
+            continue
+        for tool in ("iptables-legacy-save", "iptables-nft-save"):
+            if not shutil.which(tool):
+                continue
+            out = subprocess.run([nsenter, f"--net={record.path}", tool, "-t", "nat"], capture_output=True,
+                                 text=True, timeout=10).stdout
+            if "REDIRECT" in out:
+                found.append(f"{record.name} ({tool.split('-')[1]})")
+    if found:
+        raise RuntimeError(f"iptables REDIRECT rules in ebpf-managed namespaces: {', '.join(found)}")
+    return "no iptables REDIRECT rules in ebpf-managed namespaces"
+
 
 def run(node: Node) -> List[Check]:
-    return []
+    checks = [
+        _try("root", _root, "run meshintercept as root (sudo)"),
+        _try("cgroup v2 attach point", lambda: _cgroup(node),
+             "give --cgroup a cgroup-v2 directory, or mount one: mount -t cgroup2 none /sys/fs/cgroup/unified"),
+        _try("bpffs", lambda: _bpffs(node), "mount -t bpf bpf /sys/fs/bpf, or choose --pin-dir under it"),
+        _try("tracefs (debug lines)", _tracefs, "mount -t tracefs tracefs /sys/kernel/tracing", warning=True),
+        _try("kernel headers for bcc", _headers, kheaders.INSTALL_HINT),
+        _try("bcc importable", _bcc, "apt-get install python3-bpfcc; use /usr/bin/python3 or a venv with "
+             "--system-site-packages"),
+    ]
+    if all(c.ok for c in checks if not c.warning):
+        checks.extend(_programs(node))
+        checks.append(_try("connect4 hook free of other programs", lambda: _foreign_connect4(node),
+                           "with Cilium set socketLB.hostNamespaceOnly=true (bpf-lb-sock-hostns-only) so pods "
+                           "keep their sidecar interception", warning=True))
+    checks.append(_try("no leftover iptables redirects", lambda: _leftover_redirects(node),
+                       "disable the iptables mode in those namespaces (meshintercept disable) or remove the rules",
+                       warning=True))
+    return checks
