@@ -206,7 +206,7 @@ def _render_repair(data) -> None:
     todo = [c for c in data["candidates"] if c["action"] != "none"]
     for c in data["candidates"]:
         who = f" ({c['pod']})" if c["pod"] else ""
-        want = "intercept" if c["want"] else "leave"
+        want = "intercept" if c["want"] else ("gone" if c["source"] == "record" else "leave")
         line = f"{c['namespace']}{who}: {want} - {c['why']}; action: {c['action']}"
         if c["problems"] and c["action"] != "none":
             line += f" [{'; '.join(c['problems'])}]"

@@ -152,8 +152,7 @@ def plan(manager: Manager, cfg: PluginConfig, match: Optional[Sequence[str]] = N
     for record in manager.store.all():
         if live_netns(record) is None:
             out.append(Candidate(record.name, record.path, record.ref, record.key, "record",
-                                 why="namespace no longer exists", action=FORGET,
-                                 problems=["namespace no longer exists"]))
+                                 why="namespace no longer exists", action=FORGET))
     return out
 
 
