@@ -144,8 +144,31 @@ def load_iptc():
             f"python-iptables cannot load the iptables libraries ({exc}); install the iptables package "
             "(apt-get install iptables) or set XTABLES_LIBDIR to the directory holding libxt_*.so."
         ) from None
+    _only_existing_tables(iptc)
     _iptc = iptc
     return iptc
+
+
+def _only_existing_tables(iptc) -> None:
+    """Keep python-iptables from creating the filter, mangle, raw and security tables.
+
+    To tell a jump to a user chain from a target extension, every Target it builds asks
+    ``Rule.tables``, which opens *all five* legacy tables; opening a table instantiates it in
+    the namespace, and from then on every packet of the pod runs through its empty hooks
+    (bench/ saw ipt_do_table in pods that had only ever had our nat rules). A user chain can
+    only live in a table that already exists, so looking at those alone gives the same answer.
+    """
+    ip4 = iptc.ip4tc
+
+    def tables(rule):
+        try:
+            with open("/proc/thread-self/net/ip_tables_names") as f:
+                present = set(f.read().split())
+        except OSError:
+            present = set()
+        return [ip4.Table(name) for name in ip4.Table.ALL if name in present]
+
+    ip4.Rule.tables = property(tables)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -194,7 +217,7 @@ def table_exists(name: str = model.TABLE) -> bool:
     change nothing, so they ask /proc first.
     """
     try:
-        with open("/proc/self/net/ip_tables_names") as f:
+        with open("/proc/thread-self/net/ip_tables_names") as f:
             return name in f.read().split()
     except FileNotFoundError:  # ip_tables not loaded at all
         return False
