@@ -35,10 +35,10 @@ def wait_port(pod, port: int, host: str = "127.0.0.1", timeout: float = 10.0) ->
     raise RuntimeError(f"nothing listens on {host}:{port} in {pod.netns} after {timeout}s")
 
 
-def start_nginx(pod) -> subprocess.Popen:
-    """nginx, one process, no access log, serving a 1 KiB page at / and a 64 MiB file at /big."""
-    root = os.path.join(pod.dir, "www")
+def make_site(root: str) -> str:
+    """The files nginx serves: a 1 KiB page at / and a 64 MiB file at /big (shared by all pods)."""
     os.makedirs(root, exist_ok=True)
+    os.chmod(root, 0o755)
     with open(os.path.join(root, "index.html"), "wb") as f:
         f.write(b"x" * (SMALL_BYTES - 1) + b"\n")
     big = os.path.join(root, "big")
@@ -47,6 +47,12 @@ def start_nginx(pod) -> subprocess.Popen:
             chunk = os.urandom(1 << 20)
             for _ in range(BIG_BYTES >> 20):
                 f.write(chunk)
+    return root
+
+
+def start_nginx(pod, root: str | None = None) -> subprocess.Popen:
+    """nginx, one process, no access log, its own config/pid/logs in the pod's dir."""
+    root = root or make_site(os.path.join(pod.dir, "www"))
     conf = os.path.join(pod.dir, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""

@@ -23,6 +23,7 @@ wrk, both sidecars, nginx) over the run, divided by the requests served.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Dict, List
 
@@ -67,19 +68,37 @@ class DataPathBench:
 
     # --- topology --------------------------------------------------------------------------
     def setup(self) -> None:
+        self.site = apps.make_site(os.path.join(self.cluster.tc.workdir, "www"))
+        self.client = None
+        self.servers: Dict[str, object] = {}
+        self._seq = 0
+
+    def make_pods(self) -> None:
+        """Fresh pods for every (round, mode).
+
+        A namespace that once had the iptables mode keeps an (empty) nat table and with it
+        conntrack on every packet; reusing pods would charge that to every later mode.
+        """
+        self._seq += 1
         n1, n2 = self.cluster.nodes[0], self.cluster.nodes[1]
-        self.client = self.cluster.add_pod(n1, "client")
+        k = self._seq
+        self.client = self.cluster.add_pod(n1, f"client-{k}")
         self.servers = {
-            "same-node": self.cluster.add_pod(n1, "server-same"),
-            "cross-node": self.cluster.add_pod(n2, "server-cross"),
+            "same-node": self.cluster.add_pod(n1, f"server-same-{k}"),
+            "cross-node": self.cluster.add_pod(n2, f"server-cross-{k}"),
         }
         for pod in self.servers.values():
-            apps.start_nginx(pod)
+            apps.start_nginx(pod, self.site)
             apps.start_haproxy(pod)
         apps.start_haproxy(self.client, {EXPLICIT_PORT[p]: s.ip for p, s in self.servers.items()})
 
+    def drop_pods(self) -> None:
+        for pod in self.pods():
+            self.cluster.remove_pod(pod)
+        self.client, self.servers = None, {}
+
     def pods(self):
-        return [self.client, *self.servers.values()]
+        return [p for p in [self.client, *self.servers.values()] if p is not None]
 
     # --- modes ------------------------------------------------------------------------------
     def apply(self, mode: str) -> float:
@@ -111,6 +130,14 @@ class DataPathBench:
                 node.manager().disable_all()
             except Exception as exc:
                 self.log(f"  disable --all on {node.name}: {exc}")
+
+    def netfilter_state(self) -> Dict[str, str]:
+        """iptables tables present in each pod: a table hooks every packet of its namespace."""
+        out = {}
+        for pod in self.pods():
+            res = pod.run(["cat", "/proc/net/ip_tables_names"], timeout=10)
+            out[pod.name] = ",".join(sorted(res.stdout.split())) or "none"
+        return out
 
     def url(self, mode: str, placement: str, path: str = "/") -> str:
         if mode == "explicit":
@@ -166,9 +193,11 @@ class DataPathBench:
         from bench.control import program_stats
 
         out: Dict = {}
+        self.make_pods()
         try:
             self.apply(mode)
         except ModeUnavailable as exc:
+            self.drop_pods()
             return {"error": str(exc)}
         try:
             with bpf_stats():
@@ -190,6 +219,7 @@ class DataPathBench:
                                                       "programs": rows}
         finally:
             self.clear(mode)
+            self.drop_pods()
         return out
 
     def run(self, rounds: int, modes: List[str] = MODES, placements: List[str] = PLACEMENTS) -> Dict:
@@ -200,13 +230,16 @@ class DataPathBench:
             for mode in order:
                 if mode in unavailable:
                     continue
+                self.make_pods()
                 try:
                     took = self.apply(mode)
                 except ModeUnavailable as exc:
                     unavailable[mode] = str(exc)
                     self.log(f"  {mode}: unavailable: {exc}")
+                    self.drop_pods()
                     continue
-                self.events.append({"round": rnd, "mode": mode, "enable_all_pods_s": took})
+                self.events.append({"round": rnd, "mode": mode, "enable_all_pods_s": took,
+                                    "netfilter": self.netfilter_state()})
                 try:
                     for placement in placements:
                         try:
@@ -226,6 +259,7 @@ class DataPathBench:
                                      + f"  cpu {res['cpu_us_per_req']:.1f} us/req err {res['errors']}")
                 finally:
                     self.clear(mode)
+                    self.drop_pods()
         profiles = {}
         for mode in ("ebpf", "ebpf-accel"):
             if mode in modes and mode not in unavailable:
@@ -236,7 +270,6 @@ class DataPathBench:
             "seconds": self.seconds, "connections": self.connections, "rounds": rounds,
             "modes": modes, "placements": placements, "tests": TESTS,
             "samples": self.samples, "unavailable": unavailable, "events": self.events,
-            "pods": {p.name: {"ip": p.ip, "node": p.node.name} for p in self.pods()},
         }
 
 

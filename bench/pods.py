@@ -113,6 +113,10 @@ class BenchCluster:
         self.pods.append(bp)
         return bp
 
+    def remove_pod(self, pod: BenchPod) -> None:
+        self.tc.remove_pod(pod.pod)
+        self.pods.remove(pod)
+
     def add_idle_namespaces(self, node: BenchNode, count: int) -> List[str]:
         """``count`` pod-like namespaces (lo, eth0 with an address, peer left unbridged in the node).
 
