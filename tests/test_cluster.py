@@ -10,6 +10,8 @@ import ipaddress
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -90,20 +92,50 @@ def test_addresses_follow_the_plan(cluster, pods):
     assert pods["a"].node is cluster.nodes[0] and pods["b"].node is cluster.nodes[1]
 
 
+def _nsids_of(paths):
+    """Inside the calling namespace: {nsid: path} for the namespaces in `paths` (RTM_GETNSID by fd)."""
+    RTM_GETNSID, NETNSA_NSID, NETNSA_FD = 90, 1, 3
+    out = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        for seq, path in enumerate(paths, 1):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                body = struct.pack("Bxxx", socket.AF_UNSPEC) + struct.pack("HHI", 8, NETNSA_FD, fd)
+                nl.send(struct.pack("IHHII", 16 + len(body), RTM_GETNSID, 1, seq, 0) + body)
+                reply = nl.recv(4096)
+            finally:
+                os.close(fd)
+            offset = 16 + 4
+            while offset + 4 <= len(reply):
+                length, kind = struct.unpack_from("HH", reply, offset)
+                if kind == NETNSA_NSID:
+                    nsid = struct.unpack_from("i", reply, offset + 4)[0]
+                    if nsid >= 0:
+                        out[nsid] = path
+                offset += (length + 3) & ~3
+    return out
+
+
 def test_every_link_stays_inside_the_cluster(cluster, pods):
-    names = [n.netns.name for n in cluster.nodes] + [p.netns.name for p in cluster.pods.values()]
-    veths = 0
+    spaces = [n.netns for n in cluster.nodes] + [p.netns for p in cluster.pods.values()]
+    ends = []  # (namespace, ifindex, peer namespace, peer ifindex, name) of every veth end
+    for space in spaces:
+        nsids = space.run(_nsids_of, [s.path for s in spaces if s is not space])
+        for link in json.loads(ip("-j", "link", "show", "type", "veth", netns=space.name) or "[]"):
+            peer_ns = nsids.get(link.get("link_netnsid"))
+            assert peer_ns, f"{space.name}/{link['ifname']} leads outside the cluster"
+            ends.append((space.path, link["ifindex"], peer_ns, link["link_index"], link["ifname"]))
+    names = [s.name for s in spaces]
     for ns in names:
-        ids = {e["nsid"]: e.get("name") for e in json.loads(ip("-j", "netns", "list-id", netns=ns) or "[]")}
-        for link in json.loads(ip("-j", "-d", "link", "show", "type", "veth", netns=ns) or "[]"):
-            veths += 1
-            peer_ns = ids.get(link.get("link_netnsid"))
-            assert peer_ns and peer_ns.startswith(cluster.id + "-"), f"{ns}/{link['ifname']} leads to {peer_ns}"
         for addr in json.loads(ip("-j", "-4", "addr", netns=ns)):
             for info in addr.get("addr_info", []):
                 a = ipaddress.ip_address(info["local"])
                 assert a.is_loopback or a in ipaddress.ip_network("10.231.0.0/16")
-    assert veths == 2 * len(cluster.pods) + 2  # each pod's pair, plus the underlay pair
+    # Every end's peer is an end in another namespace of this cluster, pointing back.
+    for ns, index, peer_ns, peer_index, name in ends:
+        partners = [e for e in ends if e[0] == peer_ns and e[1] == peer_index and e[2] == ns and e[3] == index]
+        assert len(partners) == 1, f"{ns}/{name} has no partner in the cluster"
+    assert len(ends) == 2 * len(cluster.pods) + 2  # each pod's pair, plus the underlay pair
     for node in cluster.nodes:
         assert "default" not in ip("route", netns=node.netns.name)
         proc = subprocess.run(["ip", "-n", node.netns.name, "route", "get", "192.0.2.1"], capture_output=True, text=True)
