@@ -81,7 +81,7 @@ def cmd_run(args) -> int:
         from bench import datapath
 
         log(f"bench: data path, {rounds} round(s) of {seconds}s runs")
-        with pods.BenchCluster(nodes=2) as cluster:
+        with pods.BenchCluster(nodes=datapath.NODES) as cluster:
             res["datapath"] = datapath.run(cluster, rounds=rounds, seconds=seconds,
                                            modes=modes or datapath.MODES, log=log)
         res["meta"]["load"]["after_datapath"] = loadavg()

@@ -1,8 +1,19 @@
 """Data-path benchmark: wrk -> client sidecar -> server sidecar -> nginx, per interception mode.
 
-Topology (``bench.pods``): node 1 holds the client pod and the same-node server pod, node 2
-the cross-node server pod. Every server pod runs nginx and an HAProxy sidecar; the client pod
-runs wrk and its own HAProxy sidecar. Both sidecars run as the proxy UID (1500).
+Every mode gets its own pods, set up once and kept for the whole run, so the modes can be
+interleaved test by test (the five runs of one test follow each other within seconds, and
+the order rotates every round): machine load drifting during the run hits all modes alike.
+
+Node pairs (a pair = node A with the client and the same-node server, node B with the
+cross-node server; B is reached over the cluster's underlay):
+
+  plain  direct, explicit and iptables pods: no eBPF program is attached to these nodes
+  ebpf   ebpf pods;  accel  ebpf --accelerate pods (each pair has its own programs and maps)
+
+Every pod set is fresh (an iptables pod keeps its nat table, and conntrack with it, after
+interception is off, so no two modes share a namespace, except direct/explicit, which never
+intercept). Every server pod runs nginx and an HAProxy sidecar; the client pod runs wrk and
+its own HAProxy. Both HAProxies run as the proxy UID (1500).
 
 Modes:
   direct      wrk -> nginx, no sidecar on the path (the physical reference)
@@ -17,8 +28,8 @@ Tests, each a bounded wrk run (one thread, ``connections`` connections, ``second
   keepalive   1 KiB page over persistent connections: requests/s, p50/p99 latency
   close       the same with ``Connection: close``: a new connection (on every hop) per request
   bulk        one connection fetching a 64 MiB file again and again: bytes/s of one stream
-CPU per request is the growth of the node cgroups' usage_usec (every process of every pod:
-wrk, both sidecars, nginx) over the run, divided by the requests served.
+CPU per request is the growth of the pair's node cgroups' usage_usec (every process of the
+pods: wrk, both sidecars, nginx) over the run, divided by the requests served.
 """
 
 from __future__ import annotations
@@ -35,6 +46,10 @@ PLACEMENTS = ["same-node", "cross-node"]
 TESTS = ["keepalive", "close", "bulk"]
 BACKEND = {"iptables": ("iptables", {}), "ebpf": ("ebpf", {}), "ebpf-accel": ("ebpf", {"accelerate": True})}
 EXPLICIT_PORT = {"same-node": apps.EXPLICIT_OUT, "cross-node": apps.EXPLICIT_OUT + 1}
+#: node pair of each mode, and the pod set it uses (direct and explicit share one)
+PAIR = {"direct": 0, "explicit": 0, "iptables": 0, "ebpf": 1, "ebpf-accel": 2}
+POD_SET = {"direct": "plain", "explicit": "plain", "iptables": "ipt", "ebpf": "ebpf", "ebpf-accel": "accel"}
+NODES = 6
 
 
 class ModeUnavailable(Exception):
@@ -57,6 +72,22 @@ class bpf_stats:
             f.write(self.old)
 
 
+class PodSet:
+    """One mode's client and servers."""
+
+    def __init__(self, name: str, client, servers: Dict[str, object], nodes):
+        self.name = name
+        self.client = client
+        self.servers = servers
+        self.nodes = nodes
+
+    def pods(self):
+        return [self.client, *self.servers.values()]
+
+    def cpu_usec(self) -> int:
+        return sum(n.cpu_usec() for n in self.nodes)
+
+
 class DataPathBench:
     def __init__(self, cluster, seconds: float = 3, connections: int = 16, log=print):
         self.cluster = cluster
@@ -65,51 +96,40 @@ class DataPathBench:
         self.log = log
         self.samples: List[dict] = []
         self.events: List[dict] = []
+        self.sets: Dict[str, PodSet] = {}
 
     # --- topology --------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, modes: List[str]) -> None:
         self.site = apps.make_site(os.path.join(self.cluster.tc.workdir, "www"))
-        self.client = None
-        self.servers: Dict[str, object] = {}
-        self._seq = 0
+        for mode in modes:
+            name = POD_SET[mode]
+            if name not in self.sets:
+                self.sets[name] = self._make_set(name, PAIR[mode])
 
-    def make_pods(self) -> None:
-        """Fresh pods for every (round, mode).
-
-        A namespace that once had the iptables mode keeps an (empty) nat table and with it
-        conntrack on every packet; reusing pods would charge that to every later mode.
-        """
-        self._seq += 1
-        n1, n2 = self.cluster.nodes[0], self.cluster.nodes[1]
-        k = self._seq
-        self.client = self.cluster.add_pod(n1, f"client-{k}")
-        self.servers = {
-            "same-node": self.cluster.add_pod(n1, f"server-same-{k}"),
-            "cross-node": self.cluster.add_pod(n2, f"server-cross-{k}"),
-        }
-        for pod in self.servers.values():
+    def _make_set(self, name: str, pair: int) -> PodSet:
+        a, b = self.cluster.nodes[2 * pair], self.cluster.nodes[2 * pair + 1]
+        client = self.cluster.add_pod(a, f"{name}-client")
+        servers = {"same-node": self.cluster.add_pod(a, f"{name}-server-same"),
+                   "cross-node": self.cluster.add_pod(b, f"{name}-server-cross")}
+        for pod in servers.values():
             apps.start_nginx(pod, self.site)
             apps.start_haproxy(pod)
-        apps.start_haproxy(self.client, {EXPLICIT_PORT[p]: s.ip for p, s in self.servers.items()})
+        apps.start_haproxy(client, {EXPLICIT_PORT[p]: s.ip for p, s in servers.items()})
+        return PodSet(name, client, servers, [a, b])
 
-    def drop_pods(self) -> None:
-        for pod in self.pods():
-            self.cluster.remove_pod(pod)
-        self.client, self.servers = None, {}
-
-    def pods(self):
-        return [p for p in [self.client, *self.servers.values()] if p is not None]
+    def pods_of(self, mode: str) -> PodSet:
+        return self.sets[POD_SET[mode]]
 
     # --- modes ------------------------------------------------------------------------------
     def apply(self, mode: str) -> float:
-        """Turn ``mode`` on for every pod; returns seconds taken (the first ebpf one compiles)."""
+        """Turn ``mode`` on for its pods; returns seconds taken (includes the eBPF load)."""
         if mode not in BACKEND:
             return 0.0
         backend, extra = BACKEND[mode]
         spec = InterceptSpec.build(**extra) if extra else InterceptSpec()
         started = time.monotonic()
         try:
-            for pod in self.pods():
+            for pod in self.pods_of(mode).pods():
                 pod.node.manager().enable(pod.path, backend, spec)
         except Exception as exc:
             self.clear(mode)
@@ -117,24 +137,18 @@ class DataPathBench:
         return time.monotonic() - started
 
     def clear(self, mode: str) -> None:
-        """Undo ``mode`` and tear the nodes down, so the next mode starts from a clean node."""
         if mode not in BACKEND:
             return
-        for pod in self.pods():
+        for pod in self.pods_of(mode).pods():
             try:
                 pod.node.manager().disable(pod.path)
             except Exception as exc:
                 self.log(f"  disable {pod.name}: {exc}")
-        for node in self.cluster.nodes:
-            try:
-                node.manager().disable_all()
-            except Exception as exc:
-                self.log(f"  disable --all on {node.name}: {exc}")
 
-    def netfilter_state(self) -> Dict[str, str]:
+    def netfilter_state(self, mode: str) -> Dict[str, str]:
         """iptables tables present in each pod: a table hooks every packet of its namespace."""
         out = {}
-        for pod in self.pods():
+        for pod in self.pods_of(mode).pods():
             res = pod.run(["cat", "/proc/net/ip_tables_names"], timeout=10)
             out[pod.name] = ",".join(sorted(res.stdout.split())) or "none"
         return out
@@ -142,21 +156,22 @@ class DataPathBench:
     def url(self, mode: str, placement: str, path: str = "/") -> str:
         if mode == "explicit":
             return f"http://127.0.0.1:{EXPLICIT_PORT[placement]}{path}"
-        return f"http://{self.servers[placement].ip}{path}"
+        return f"http://{self.pods_of(mode).servers[placement].ip}{path}"
 
     def verify(self, mode: str, placement: str) -> None:
         """One request, then prove it took the path the mode claims (sidecar stats, peer address)."""
-        server = self.servers[placement]
-        before = (apps.haproxy_sessions(self.client), apps.haproxy_sessions(server))
-        res = self.client.run(["curl", "-sS", "--max-time", "5", self.url(mode, placement, "/whoami")], timeout=15)
-        after = (apps.haproxy_sessions(self.client), apps.haproxy_sessions(server))
+        ps = self.pods_of(mode)
+        client, server = ps.client, ps.servers[placement]
+        before = (apps.haproxy_sessions(client), apps.haproxy_sessions(server))
+        res = client.run(["curl", "-sS", "--max-time", "5", self.url(mode, placement, "/whoami")], timeout=15)
+        after = (apps.haproxy_sessions(client), apps.haproxy_sessions(server))
         if res.returncode != 0:
             raise ModeUnavailable(f"request failed: {res.stderr.strip()}")
         seen = res.stdout.strip()
         delta_c = {k: after[0].get(k, 0) - before[0].get(k, 0) for k in after[0]}
         delta_s = {k: after[1].get(k, 0) - before[1].get(k, 0) for k in after[1]}
         if mode == "direct":
-            ok = seen == self.client.ip and not any(delta_c.values()) and not any(delta_s.values())
+            ok = seen == client.ip and not any(delta_c.values()) and not any(delta_s.values())
         elif mode == "explicit":
             ok = seen == "127.0.0.1" and delta_c.get(f"explicit_out_{EXPLICIT_PORT[placement]}") == 1 \
                 and delta_s.get("explicit_in") == 1
@@ -174,11 +189,12 @@ class DataPathBench:
             url, conns, close = self.url(mode, placement, "/big"), 1, False
         else:
             url, conns, close = self.url(mode, placement), self.connections, test == "close"
+        ps = self.pods_of(mode)
         load1 = float(open("/proc/loadavg").read().split()[0])
-        cpu0 = sum(n.cpu_usec() for n in self.cluster.nodes)
-        res = apps.run_wrk(self.client, url, self.seconds, conns, close=close)
+        cpu0 = ps.cpu_usec()
+        res = apps.run_wrk(ps.client, url, self.seconds, conns, close=close)
+        cpu = ps.cpu_usec() - cpu0
         res["load1"] = load1
-        cpu = sum(n.cpu_usec() for n in self.cluster.nodes) - cpu0
         res["cpu_s"] = cpu / 1e6
         res["cpu_us_per_req"] = cpu / res["requests"]
         if test == "bulk":
@@ -193,87 +209,74 @@ class DataPathBench:
         from bench.control import program_stats
 
         out: Dict = {}
-        self.make_pods()
-        try:
-            self.apply(mode)
-        except ModeUnavailable as exc:
-            self.drop_pods()
-            return {"error": str(exc)}
-        try:
-            with bpf_stats():
-                for placement in placements:
-                    for test in ("keepalive", "close"):
-                        before = {n.name: program_stats(n.node.pin_dir) for n in self.cluster.nodes}
-                        res = self.measure(mode, placement, test)
-                        after = {n.name: program_stats(n.node.pin_dir) for n in self.cluster.nodes}
-                        rows = []
-                        for node, progs in after.items():
-                            for name, (cnt, ns) in sorted(progs.items()):
-                                c0, n0 = before[node].get(name, (0, 0))
-                                if cnt > c0:
-                                    rows.append({"node": node, "program": name,
-                                                 "runs_per_req": (cnt - c0) / res["requests"],
-                                                 "ns_per_run": (ns - n0) / (cnt - c0),
-                                                 "us_per_req": (ns - n0) / 1000 / res["requests"]})
-                        out[f"{placement}/{test}"] = {"rps": res["rps"], "cpu_us_per_req": res["cpu_us_per_req"],
-                                                      "programs": rows}
-        finally:
-            self.clear(mode)
-            self.drop_pods()
+        nodes = self.pods_of(mode).nodes
+        with bpf_stats():
+            for placement in placements:
+                for test in ("keepalive", "close"):
+                    before = {n.name: program_stats(n.node.pin_dir) for n in nodes}
+                    res = self.measure(mode, placement, test)
+                    after = {n.name: program_stats(n.node.pin_dir) for n in nodes}
+                    rows = []
+                    for node, progs in after.items():
+                        for name, (cnt, ns) in sorted(progs.items()):
+                            c0, n0 = before[node].get(name, (0, 0))
+                            if cnt > c0:
+                                rows.append({"node": node, "program": name,
+                                             "runs_per_req": (cnt - c0) / res["requests"],
+                                             "ns_per_run": (ns - n0) / (cnt - c0),
+                                             "us_per_req": (ns - n0) / 1000 / res["requests"]})
+                    out[f"{placement}/{test}"] = {"rps": res["rps"], "cpu_us_per_req": res["cpu_us_per_req"],
+                                                  "programs": rows}
         return out
 
     def run(self, rounds: int, modes: List[str] = MODES, placements: List[str] = PLACEMENTS) -> Dict:
         unavailable: Dict[str, str] = {}
+        active = []
+        for mode in modes:
+            try:
+                took = self.apply(mode)
+                for placement in placements:
+                    self.verify(mode, placement)
+            except ModeUnavailable as exc:
+                unavailable[mode] = str(exc)
+                self.log(f"  {mode}: unavailable: {exc}")
+                self.clear(mode)
+                continue
+            self.events.append({"mode": mode, "enable_pods_s": took, "netfilter": self.netfilter_state(mode)})
+            active.append(mode)
         for rnd in range(rounds):
-            # Rotate the order every round so drift in machine load hits every mode alike.
-            order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
-            for mode in order:
-                if mode in unavailable:
-                    continue
-                self.make_pods()
-                try:
-                    took = self.apply(mode)
-                except ModeUnavailable as exc:
-                    unavailable[mode] = str(exc)
-                    self.log(f"  {mode}: unavailable: {exc}")
-                    self.drop_pods()
-                    continue
-                self.events.append({"round": rnd, "mode": mode, "enable_all_pods_s": took,
-                                    "netfilter": self.netfilter_state()})
-                try:
-                    for placement in placements:
-                        try:
-                            self.verify(mode, placement)
-                        except ModeUnavailable as exc:
-                            unavailable[f"{mode}/{placement}"] = str(exc)
-                            self.log(f"  {mode} {placement}: {exc}")
-                            continue
-                        for test in TESTS:
-                            res = self.measure(mode, placement, test)
-                            res.update(round=rnd, mode=mode, placement=placement, test=test)
-                            self.samples.append(res)
-                            self.log(f"  r{rnd} {mode:10} {placement:10} {test:9} "
-                                     + (f"{res['bytes_per_s'] / 1e6:9.0f} MB/s" if test == "bulk"
-                                        else f"{res['rps']:9.0f} req/s p50 {res.get('p50_ms', 0):.3f} ms "
-                                             f"p99 {res.get('p99_ms', 0):.3f} ms")
-                                     + f"  cpu {res['cpu_us_per_req']:.1f} us/req err {res['errors']}")
-                finally:
-                    self.clear(mode)
-                    self.drop_pods()
+            # The order rotates every round: no mode always runs right after the same one.
+            order = active[rnd % len(active):] + active[:rnd % len(active)] if active else []
+            for placement in placements:
+                for test in TESTS:
+                    for mode in order:
+                        res = self.measure(mode, placement, test)
+                        res.update(round=rnd, mode=mode, placement=placement, test=test)
+                        self.samples.append(res)
+                        self.log(f"  r{rnd} {mode:10} {placement:10} {test:9} "
+                                 + (f"{res['bytes_per_s'] / 1e6:9.0f} MB/s" if test == "bulk"
+                                    else f"{res['rps']:9.0f} req/s p50 {res.get('p50_ms', 0):.3f} ms "
+                                         f"p99 {res.get('p99_ms', 0):.3f} ms")
+                                 + f"  cpu {res['cpu_us_per_req']:.1f} us/req err {res['errors']}  "
+                                   f"load {res['load1']:.1f}")
         profiles = {}
         for mode in ("ebpf", "ebpf-accel"):
-            if mode in modes and mode not in unavailable:
+            if mode in active:
                 self.log(f"  {mode}: per-program profile (bpf_stats)")
                 profiles[mode] = self.profile_programs(mode, placements)
+        for mode in active:
+            self.clear(mode)
         return {
             "program_profile": profiles,
             "seconds": self.seconds, "connections": self.connections, "rounds": rounds,
             "modes": modes, "placements": placements, "tests": TESTS,
             "samples": self.samples, "unavailable": unavailable, "events": self.events,
+            "layout": {name: {"client": ps.client.ip, "nodes": [n.name for n in ps.nodes],
+                              **{p: s.ip for p, s in ps.servers.items()}} for name, ps in self.sets.items()},
         }
 
 
 def run(cluster, rounds: int, seconds: float, connections: int = 16, modes=MODES, log=print) -> Dict:
     bench = DataPathBench(cluster, seconds=seconds, connections=connections, log=log)
-    bench.setup()
+    bench.setup(modes)
     return bench.run(rounds, modes=modes)
