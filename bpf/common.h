@@ -105,6 +105,8 @@ struct mi_origin {
 	__u16 port;
 	__u16 flags;
 	__u64 src_netns; /* namespace whose socket or packet created the entry */
+	__u64 gen;       /* written once per connection: an owner deletes only its own entry,
+			  * never a newer connection's that reused the 4-tuple */
 };
 
 /* Per-socket storage (BPF_MAP_TYPE_SK_STORAGE): freed with the socket, so never leaks. */
@@ -113,6 +115,7 @@ struct mi_sock {
 	__u16 orig_port;
 	__u16 flags;
 	__u64 key_netns;      /* namespace of the accepting side */
+	__u64 gen;            /* mi_origin.gen of the entry this socket wrote or owns */
 	struct mi_tuple key;  /* origin-map entry this socket wrote or owns */
 	struct mi_tuple peer; /* sockhash key of the peer socket (acceleration) */
 };

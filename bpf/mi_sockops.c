@@ -69,6 +69,8 @@ static __always_inline int __mi_active_established(struct bpf_sock_ops *ctx)
 	orig.port = s->orig_port;
 	orig.flags = s->flags & (MI_ORIG_OUTBOUND | MI_ORIG_INBOUND_LOCAL);
 	orig.src_netns = netns;
+	orig.gen = bpf_ktime_get_ns();
+	s->gen = orig.gen;
 	s->flags &= ~MI_SOCK_PENDING;
 	if (mi1_origdst.update(&s->key, &orig)) {
 		MI_COUNT(s->key_netns, map_errors, 1);
@@ -117,6 +119,7 @@ static __always_inline int __mi_passive_established(struct bpf_sock_ops *ctx)
 		return MI_E_NOMEM;
 	orig->flags |= MI_ORIG_CLAIMED;
 	s->key = key;
+	s->gen = orig->gen;
 	s->flags |= MI_SOCK_OWNS;
 	/* The peer is the connecting socket, in the namespace that wrote the entry. */
 	s->peer.netns = orig->src_netns;
@@ -153,17 +156,16 @@ static __always_inline int __mi_closed(struct bpf_sock_ops *ctx)
 	s = mi1_sock.sk_storage_get(sk, 0, 0);
 	if (!s)
 		return MI_E_NOTMANAGED;
-	if (s->flags & MI_SOCK_OWNS) {
-		mi1_origdst.delete(&s->key);
-	} else if (s->flags & MI_SOCK_WROTE) {
-		/* Nobody accepted it (refused, reset, listener outside our cgroup). */
-		orig = mi1_origdst.lookup(&s->key);
-		if (!orig || (orig->flags & MI_ORIG_CLAIMED))
-			goto out;
-		mi1_origdst.delete(&s->key);
-	} else {
+	if (!(s->flags & (MI_SOCK_OWNS | MI_SOCK_WROTE)))
 		return MI_E_NOTMANAGED;
-	}
+	orig = mi1_origdst.lookup(&s->key);
+	/* A newer connection may have reused the 4-tuple and replaced the entry. */
+	if (!orig || orig->gen != s->gen)
+		goto out;
+	/* The writer deletes only what nobody accepted (refused, reset, listener elsewhere). */
+	if (!(s->flags & MI_SOCK_OWNS) && (orig->flags & MI_ORIG_CLAIMED))
+		goto out;
+	mi1_origdst.delete(&s->key);
 	MI_COUNT(s->key.netns, flows_closed, 1);
 out:
 	s->flags &= ~(MI_SOCK_OWNS | MI_SOCK_WROTE);

@@ -150,6 +150,7 @@ static __always_inline int __mi_tc_ingress(struct __sk_buff *skb)
 		orig.port = p.dport;
 		orig.flags = MI_ORIG_INBOUND_TC;
 		orig.src_netns = netns;
+		orig.gen = bpf_ktime_get_ns();
 		if (mi1_origdst.update(&key, &orig)) {
 			MI_COUNT(netns, map_errors, 1);
 			return MI_E_NOMEM;

@@ -87,6 +87,7 @@ class Origin(ctypes.Structure):
         ("port", ctypes.c_uint16),
         ("flags", ctypes.c_uint16),
         ("src_netns", ctypes.c_uint64),
+        ("gen", ctypes.c_uint64),
     ]
 
 
@@ -96,6 +97,7 @@ class Sock(ctypes.Structure):
         ("orig_port", ctypes.c_uint16),
         ("flags", ctypes.c_uint16),
         ("key_netns", ctypes.c_uint64),
+        ("gen", ctypes.c_uint64),
         ("key", Tuple),
         ("peer", Tuple),
     ]

@@ -4,6 +4,7 @@ node1: client, server, bystander (all in node1's child cgroup)    node2: remote
 Every pod runs test servers on 8080/9090 and the project's sidecar as the proxy UID.
 """
 
+import collections
 import os
 import time
 
@@ -157,7 +158,10 @@ def test_per_connection_maps_do_not_grow_after_10000_connections(world):
         client.connect_many(remote.ip, APP, count=3000, parallel=40),   # outbound + cross-node tc
         p["bystander"].connect_many(server.ip, OTHER, count=3000, parallel=40),  # unmanaged -> tc inbound
     ]
-    assert sum(r["ok"] for r in results) == 10000, [r.get("errors") for r in results]
+    sidecar_errors = collections.Counter(
+        (pod.name, e.get("error")) for pod in (client, server, remote) for e in pod.sidecar.connections() if e.get("error"))
+    assert sum(r["ok"] for r in results) == 10000, ([(r["ok"], r["failed"], r.get("errors")) for r in results],
+                                                    sidecar_errors, counters(client), counters(remote))
     assert wait_until(lambda: conn_entries(client) <= before[client.node.name], timeout=15), conn_entries(client)
     assert wait_until(lambda: conn_entries(remote) <= before[remote.node.name], timeout=15), conn_entries(remote)
     assert counters(server)["inbound_same_node"] >= 4000
