@@ -261,3 +261,23 @@ def test_doctor_names_a_foreign_connect4_program_and_its_fix(topo):
         bpfsys.close(link)
         os.close(cg)
         foreign.cleanup()
+
+
+def test_trace_command_streams_named_decisions_for_one_namespace(topo):
+    a, b = topo.add_pod("a"), topo.add_pod("b")
+    b.start_server(8080)
+    topo.wait_listening(b, 8080)
+    a.start_sidecar()
+    cli(topo, "enable", "--mode", "ebpf", "--netns", a.name, "--debug")
+    env = dict(os.environ, MESHINTERCEPT_CGROUP=topo.node.cgroup, MESHINTERCEPT_PIN_DIR=topo.node.pin_dir,
+               MESHINTERCEPT_STATE_DIR=topo.node.state_dir)
+    tracer = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "meshintercept"), "trace", "--netns",
+                               a.name, "--count", "5", "--duration", "20"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the tracer is reading the ring buffer before the connection starts
+    a.call(b.ip, 8080)
+    out, err = tracer.communicate(timeout=30)
+    lines = out.splitlines()
+    assert lines[0] == f"{a.name} connect-out dst={b.ip}:8080 -> 127.0.0.1:15001" + lines[0].split("15001", 1)[1]
+    assert [l.split()[1] for l in lines] == ["connect-out", "established", "claimed", "origdst", "connect-skip"]
+    assert lines[-1].endswith("(proxy's own traffic)")

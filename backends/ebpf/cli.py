@@ -56,6 +56,9 @@ def dump(ctx, map_name, as_json):
         click.echo(f"no ebpf programs are loaded on this node ({manager.node.pin_dir}).")
         return
     for name, rows in data.items():
+        if len(rows) == 1 and set(rows[0]) == {"note"}:
+            click.echo(f"{name}: {rows[0]['note']}")
+            continue
         click.echo(f"{name} ({len(rows)} entr{'y' if len(rows) == 1 else 'ies'})")
         for row in rows:
             click.echo("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
