@@ -178,8 +178,20 @@ def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
     pin_dir, cgroup = node.node.pin_dir, node.node.cgroup
     assert os.listdir(pin_dir)
     assert ebpf_tc.status(client.netns)["eth0"]["ingress"]
+    program_ids = [p["id"] for p in ebpf_maps.node_status(node.node)["programs"].values()]
+    assert len(program_ids) == 6
     node.manager().disable_all()
     assert not os.path.exists(pin_dir)
+
+    def freed(prog_id):
+        try:
+            bpfsys.close(bpfsys.prog_fd_by_id(prog_id))
+            return False
+        except OSError:
+            return True
+
+    # nothing holds our programs any more: the kernel frees them (after an RCU grace period)
+    assert wait_until(lambda: all(freed(i) for i in program_ids)), program_ids
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for attach in (bpfsys.BPF_CGROUP_INET4_CONNECT, bpfsys.BPF_CGROUP_SOCK_OPS, bpfsys.BPF_CGROUP_GETSOCKOPT):

@@ -281,3 +281,14 @@ def test_trace_command_streams_named_decisions_for_one_namespace(topo):
     assert lines[0] == f"{a.name} connect-out dst={b.ip}:8080 -> 127.0.0.1:15001" + lines[0].split("15001", 1)[1]
     assert [l.split()[1] for l in lines] == ["connect-out", "established", "claimed", "origdst", "connect-skip"]
     assert lines[-1].endswith("(proxy's own traffic)")
+
+
+def test_dry_run_describes_and_changes_nothing(topo):
+    a = topo.add_pod("a")
+    text = Manager(topo.node).plan(a.name, "ebpf", InterceptSpec.build(exclude_outbound_ports=[22]))
+    cookie = a.netns.cookie()
+    assert f"netns cookie {cookie}" in text and "'exclude_outbound_ports': [22]" in text and "compile" in text
+    assert not os.path.exists(topo.node.pin_dir)
+    from meshintercept.backends.ebpf import tc
+
+    assert tc.status(a.netns) == {}
