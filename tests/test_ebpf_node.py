@@ -292,3 +292,22 @@ def test_dry_run_describes_and_changes_nothing(topo):
     from meshintercept.backends.ebpf import tc
 
     assert tc.status(a.netns) == {}
+
+
+def test_a_clsact_qdisc_and_filters_someone_else_made_survive_enable_and_disable(topo):
+    from meshintercept.backends.ebpf import tc
+
+    a = topo.add_pod("a")
+    subprocess.run(["ip", "netns", "exec", a.name, "tc", "qdisc", "add", "dev", "eth0", "clsact"], check=True)
+    subprocess.run(["ip", "netns", "exec", a.name, "tc", "filter", "add", "dev", "eth0", "ingress", "prio", "7",
+                    "protocol", "ip", "u32", "match", "u32", "0", "0", "classid", "1:1"], check=True)
+    manager = Manager(topo.node)
+    manager.enable(a.name, "ebpf", InterceptSpec())
+    assert manager.store.get(a.netns.key).extra["tc"][0]["qdisc_created"] is False
+    assert tc.status(a.netns)["eth0"]["ingress"]
+    manager.disable(a.name)
+    state = tc.status(a.netns)["eth0"]
+    assert state == {"ifindex": state["ifindex"], "ingress": False, "egress": False, "clsact": True}
+    out = subprocess.run(["ip", "netns", "exec", a.name, "tc", "filter", "show", "dev", "eth0", "ingress"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "u32" in out and "bpf" not in out

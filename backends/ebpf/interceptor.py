@@ -62,6 +62,9 @@ class EbpfInterceptor(Interceptor):
                 warnings.append("--accelerate ignored: sockhash/sk_msg could not be loaded on this node "
                                 "(see 'meshintercept doctor'); traffic takes the normal path.")
                 accelerate = False
+            elif accelerate:
+                warnings.append("--accelerate needs an event-driven sidecar that does not splice(2) from sockets "
+                                "(HAProxy, Envoy, Pipy); a blocking or splicing proxy can stall (docs/ebpf.md).")
             cookie = netns.cookie()
             from . import tc
 
