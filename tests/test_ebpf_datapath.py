@@ -9,7 +9,7 @@ from meshintercept.spec import InterceptSpec
 
 from ebpf_support import Topology
 
-pytestmark = pytest.mark.ebpf
+pytestmark = [pytest.mark.ebpf, pytest.mark.root]
 
 
 @pytest.fixture

@@ -40,7 +40,20 @@ def clang() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.skip("clang is not installed (apt-get install clang)")
+    pytest.skip("clang is not installed (apt-get install clang); test_bcc_compiles_the_same_checker covers it")
+
+
+def test_bcc_compiles_the_same_checker_and_rejects_a_drift():
+    """bcc's embedded clang, the compiler that builds the programs, agrees too (no clang needed)."""
+    bcc = pytest.importorskip("bcc")
+    from meshintercept import kheaders
+
+    kheaders.ensure()
+    body = checker_source().split("\n", 2)[2]  # bcc's kernel headers already define the __u types
+    bcc.BPF(text=body.encode(), cflags=[f"-I{BPF_DIR}"]).cleanup()
+    drift = body.replace("offsetof(struct mi_origin, port) == 4", "offsetof(struct mi_origin, port) == 6")
+    with pytest.raises(Exception, match="compile"):
+        bcc.BPF(text=drift.encode(), cflags=[f"-I{BPF_DIR}"])
 
 
 @pytest.mark.parametrize("target", ["bpf", "native"])

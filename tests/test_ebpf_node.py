@@ -27,7 +27,7 @@ from meshintercept.backends.ebpf.pins import MAPS, NodePins
 
 from ebpf_support import Topology
 
-pytestmark = pytest.mark.ebpf
+pytestmark = [pytest.mark.ebpf, pytest.mark.root]
 
 
 @pytest.fixture
