@@ -59,7 +59,7 @@ def cmd_run(args) -> int:
     from bench import pods
 
     only = set(args.only.split(",")) if args.only else set(PARTS)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1 if args.quick else 3)
     count = args.namespaces or (100 if args.quick else 1000)
     cli_every = args.cli_every or (25 if args.quick else 100)
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run the matrix, write bench/results/<time>.json and docs/benchmarks.md")
     r.add_argument("--quick", action="store_true", help="1-2 minute smoke run (1 round, 1 s runs, 100 namespaces); "
                                                          "does not rewrite the docs unless --report")
-    r.add_argument("--rounds", type=int, help="interleaved rounds of the data path (default 3)")
+    r.add_argument("--rounds", type=int, help="interleaved rounds of the data path (default 5)")
     r.add_argument("--seconds", type=int, help="length of each wrk run (default 3)")
     r.add_argument("--namespaces", type=int, help="idle namespaces for the control plane (default 1000)")
     r.add_argument("--cli-every", type=int, help="every Nth enable/disable goes through the CLI (default 100)")

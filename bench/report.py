@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 CHART = os.path.join(ROOT, "docs", "benchmarks-datapath.png")
+CONTROL_CHART = os.path.join(ROOT, "docs", "benchmarks-control.png")
 BEGIN, END = "<!-- bench:generated:begin -->", "<!-- bench:generated:end -->"
 MODES = ["direct", "explicit", "iptables", "ebpf", "ebpf-accel"]
 MODE_LABEL = {"ebpf-accel": "ebpf --accelerate"}
@@ -174,6 +175,53 @@ def chart(dp: Dict, path: str = CHART) -> Optional[str]:
     return path
 
 
+def control_chart(cp: Dict, path: str = CONTROL_CHART) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    backends = cp.get("backends", {})
+    if not backends:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    colors = {"iptables": "#dd8452", "ebpf": "#55a868"}
+    tops = {}
+    for mode, b in backends.items():
+        for ax, key in zip(axes, ("enable", "disable")):
+            pts = sorted((e["n"], e["s"] * 1000) for e in b.get(key, []) if e["via"] == "api")
+            if not pts:
+                continue
+            # Median per bucket of 50: the line; every point: the dots.
+            buckets: Dict[int, list] = {}
+            for n, ms in pts:
+                buckets.setdefault(n // 50, []).append(ms)
+            xs = [k * 50 + 25 for k in sorted(buckets)]
+            ys = [statistics.median(buckets[k]) for k in sorted(buckets)]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=2, alpha=0.25, color=colors.get(mode))
+            values = sorted(p[1] for p in pts)
+            tops[key] = max(tops.get(key, 0), values[int(len(values) * 0.97)] * 1.3)
+            ax.plot(xs, ys, color=colors.get(mode), label=f"{mode} (API, median per 50)")
+            cli = [(e["n"], e["s"] * 1000) for e in b.get(key, []) if e["via"] == "cli"]
+            if cli and key == "enable":
+                ax.scatter([p[0] for p in cli], [p[1] / 10 for p in cli], marker="x", color=colors.get(mode),
+                           label=f"{mode} (CLI, ms ÷ 10)")
+    for ax, title in zip(axes, ("enable the Nth namespace", "disable the Nth namespace (N-1 stay)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("managed namespaces on the node")
+        ax.set_ylabel("ms")
+        ax.set_ylim(0, max(tops.get("enable" if "enable" in title else "disable", 12), 12))
+        ax.grid(alpha=0.3)
+        ax.axhline(10, color="black", linewidth=0.7, linestyle="--")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --- control plane -----------------------------------------------------------------------------
 def _ms(x: Optional[float]) -> str:
     return "–" if x is None else f"{x * 1000:.1f}"
@@ -185,6 +233,7 @@ def control_summary(b: Dict) -> Dict:
 
     enable, disable = b.get("enable", []), b.get("disable", [])
     peak = max((e["n"] for e in enable), default=0)
+    api = [(e["n"], e["s"]) for e in enable if e["via"] == "api"]
     first_hi = min(102, peak)
     return {
         "peak": peak,
@@ -197,7 +246,19 @@ def control_summary(b: Dict) -> Dict:
         "disable_api_first100": pick(disable, "api", 0, first_hi),
         "disable_api_last100": pick(disable, "api", peak - 99, peak),
         "disable_cli": med(e["s"] for e in disable if e["via"] == "cli"),
+        "enable_api_slope": slope(api),
     }
+
+
+def slope(points) -> Optional[float]:
+    """Least-squares growth of the time per enable, in seconds per additional managed namespace."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else None
 
 
 def latency_cell(lat: Optional[Dict], test: str, key: str) -> Optional[float]:
@@ -211,14 +272,17 @@ def control_tables(cp: Dict) -> List[str]:
         f"{cp['count']} idle pod namespaces (lo + eth0 with an address) besides the client and server pods; "
         f"every {cp['cli_every']}th enable/disable goes through the CLI (a fresh `meshintercept` process), "
         "the rest through `Manager` in one process. Times are medians, in milliseconds.", "",
-        "| backend | enable API, N ≤ 100 | enable API, last 100 | enable CLI (all samples) | CLI first / last sample "
+        "| backend | enable API, N ≤ 100 | enable API, last 100 | growth per 100 more namespaces (fit) "
+        "| enable CLI (all samples) | CLI first / last sample "
         "| disable API, N ≤ 100 | disable API, last 100 | disable CLI | `status --json` CLI at peak | disable --all |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, b in cp.get("backends", {}).items():
         s = control_summary(b)
+        growth = "–" if s["enable_api_slope"] is None else f"{s['enable_api_slope'] * 1e5:+.2f} ms"
         lines.append(
             f"| {mode} (peak N={s['peak']}) | {_ms(s['enable_api_first100'])} | {_ms(s['enable_api_last100'])} "
+            f"| {growth} "
             f"| {_ms(s['enable_cli'])} | {_ms(s['enable_cli_first'])} / {_ms(s['enable_cli_last'])} "
             f"| {_ms(s['disable_api_first100'])} | {_ms(s['disable_api_last100'])} | {_ms(s['disable_cli'])} "
             f"| {_ms(b.get('status_cli_at_peak_s'))} | {_ms(b.get('disable_all_s'))} |"
@@ -366,6 +430,8 @@ def generate(res: Dict, result_path: str) -> str:
     cp = res.get("control")
     if cp:
         lines += ["### Control plane", ""] + control_tables(cp)
+        if control_chart(cp):
+            lines += ["![enable/disable time against managed namespaces](benchmarks-control.png)", ""]
     cs = res.get("cli")
     if cs:
         lines += ["### CLI cold start", ""] + cli_tables(cs)
