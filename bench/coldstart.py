@@ -47,18 +47,22 @@ def _hyperfine(cmds: Dict[str, List[str]], runs: int, env: dict) -> Dict[str, Li
     return {r["command"]: r["times"] for r in data["results"]}
 
 
-def import_profile(top: int = 12) -> List[Dict]:
-    """Modules with the largest cumulative import time when the CLI module loads."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import meshintercept.cli"],
-                          capture_output=True, text=True)
+ENABLE_PATH = ("import meshintercept.cli, meshintercept.manager; from meshintercept import registry; "
+               "registry.load('iptables'); registry.load('ebpf'); "
+               "from meshintercept.backends import iptables_table; iptables_table.load_iptc(); import pyroute2")
+
+
+def import_profile(code: str = "import meshintercept.cli", top: int = 12, depth: int = 2) -> List[Dict]:
+    """Modules with the largest cumulative import time for ``code`` (python -X importtime)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True)
     rows = []
     for line in proc.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
         if m:
             rows.append({"module": m.group(4), "self_us": int(m.group(1)), "cumulative_us": int(m.group(2)),
                          "depth": len(m.group(3)) // 2})
-    total = max((r["cumulative_us"] for r in rows if r["module"] == "meshintercept.cli"), default=0)
-    rows = [r for r in rows if r["depth"] <= 2]
+    total = sum(r["cumulative_us"] for r in rows if r["depth"] == 0)
+    rows = [r for r in rows if r["depth"] <= depth]
     rows.sort(key=lambda r: -r["cumulative_us"])
     return [{"total_us": total}] + rows[:top]
 
@@ -79,4 +83,6 @@ def run(runs: int = 20, log=print) -> Dict:
         out["commands"][name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "times": ts}
         log(f"  {name:32} median {statistics.median(ts) * 1000:7.1f} ms  min {min(ts) * 1000:7.1f} ms")
     out["imports"] = import_profile()
+    # What an 'enable' may import on top of the CLI: each backend and its libraries.
+    out["imports_enable"] = import_profile(ENABLE_PATH, top=14, depth=1)
     return out

@@ -60,6 +60,10 @@ def f_ratio(x: Optional[float]) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
 
+def f_ratio3(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x:.3f}×"
+
+
 def f_num(x: Optional[float], fmt: str = "{:,.0f}") -> str:
     return "–" if x is None else fmt.format(x)
 
@@ -329,6 +333,12 @@ def cli_tables(cs: Dict) -> List[str]:
                   f"total {imports[0].get('total_us', 0) / 1000:.1f} ms):", "",
                   "| module | cumulative ms |", "|---|---:|"]
         lines += [f"| `{r['module']}` | {r['cumulative_us'] / 1000:.1f} |" for r in imports[1:9]]
+    more = cs.get("imports_enable") or []
+    if more:
+        lines += ["", "What `enable` imports on top of that, per backend (the CLI imports a backend only when it is "
+                  f"used; all of them here, total {more[0].get('total_us', 0) / 1000:.1f} ms in one interpreter):", "",
+                  "| module | cumulative ms |", "|---|---:|"]
+        lines += [f"| `{r['module']}` | {r['cumulative_us'] / 1000:.1f} |" for r in more[1:12]]
     lines.append("")
     return lines
 
@@ -364,7 +374,7 @@ def targets(res: Dict) -> List[str]:
         ]
         for name, value, per_cpu, want in checks:
             verdict = "–" if value is None else ("met" if value >= want else "**missed**")
-            rows.append((name, f"{f_ratio(value)} (per CPU: {f_ratio(per_cpu)})", verdict))
+            rows.append((name, f"{f_ratio3(value)} (per CPU: {f_ratio3(per_cpu)})", verdict))
         mc = datapath_medians(dp).get("cross-node", {})
         if mc:
             v = ratio(metric(m, "cross-node", "ebpf", "close", "rps"), metric(m, "cross-node", "iptables", "close", "rps"))
