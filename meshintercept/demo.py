@@ -25,6 +25,18 @@ def _body(raw: bytes) -> str:
     return (body or head).decode(errors="replace").strip()
 
 
+def _nonzero(counters: dict) -> str:
+    """Counters worth showing: eBPF's flat ones, or iptables' per-chain packet counts."""
+    parts = []
+    for key, value in counters.items():
+        if isinstance(value, dict):
+            value = value.get("packets", 0)
+            key = f"{key} packets"
+        if value:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
 def run_demo(mode: str, keep: bool = False, echo: Callable[[str], None] = print) -> list:
     from meshintercept import registry
     from meshintercept.manager import require_root
@@ -71,6 +83,11 @@ def run_demo(mode: str, keep: bool = False, echo: Callable[[str], None] = print)
             for entry in sidecar.connections():
                 echo(f"  {name:<11} {entry['direction']:<8} from {entry['peer']} original dst {entry['original_dst']}"
                      f" -> {entry['upstream']}")
+        echo(f"\nkernel counters ({mode}), from 'meshintercept status':")
+        for pod in (client, v1, v2):
+            items = pod.node.manager().status(pod.netns.path)["namespaces"]
+            counters = items[0].get("live", {}).get("counters", {}) if items else {}
+            echo(f"  {pod.name:<11} {_nonzero(counters) or 'no counters'}")
         if keep:
             input("\ncluster is up; press Enter to tear it down ")
         echo("\ntearing down")
