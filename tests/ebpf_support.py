@@ -23,6 +23,8 @@ import textwrap
 import time
 from typing import Dict, List, Optional
 
+import pytest
+
 from meshintercept.netns import Netns, setns
 from meshintercept.node import Node, default_cgroup
 
@@ -268,3 +270,13 @@ class Topology:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+@pytest.fixture
+def topo(tmp_path):
+    """One eBPF test node (child cgroup, pin dir, hub namespace), removed after the test."""
+    t = Topology(str(tmp_path))
+    try:
+        yield t
+    finally:
+        t.close()

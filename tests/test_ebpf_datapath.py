@@ -7,18 +7,10 @@ import pytest
 from meshintercept.manager import Manager
 from meshintercept.spec import InterceptSpec
 
-from ebpf_support import Topology
+
+from ebpf_support import topo  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.root]
-
-
-@pytest.fixture
-def topo(tmp_path):
-    t = Topology(str(tmp_path))
-    try:
-        yield t
-    finally:
-        t.close()
 
 
 def test_outbound_goes_through_sidecar_with_true_original_dst(topo):

@@ -25,18 +25,10 @@ from meshintercept.backends.ebpf import maps as ebpf_maps
 from meshintercept.backends.ebpf import trace as ebpf_trace
 from meshintercept.backends.ebpf.pins import MAPS, NodePins
 
-from ebpf_support import Topology
+
+from ebpf_support import topo  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.root]
-
-
-@pytest.fixture
-def topo(tmp_path):
-    t = Topology(str(tmp_path))
-    try:
-        yield t
-    finally:
-        t.close()
 
 
 def cli(topo, *args, check=True):
