@@ -12,7 +12,6 @@ fields a command knows, so the zero fill matters.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -35,6 +34,7 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_LINK_CREATE = 28
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_DETACH = 34
@@ -44,6 +44,9 @@ BPF_CGROUP_SOCK_OPS = 3
 BPF_SK_MSG_VERDICT = 7
 BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_GETSOCKOPT = 21
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_LINK_TYPE_TCX = 11
 
 # Program types (enum bpf_prog_type)
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -69,7 +72,8 @@ BPF_F_RDONLY = 1 << 3
 
 ATTR_SIZE = 128
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols include libc: no find_library (it forks ldconfig, ~10 ms per CLI run).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
@@ -185,6 +189,38 @@ def map_items(fd: int, key_size: int, value_size: int) -> Iterator[Tuple[bytes, 
             yield key, value
 
 
+def map_keys_batch(fd: int, key_size: int, value_size: int, batch: int = 1024) -> List[bytes]:
+    """All keys with BPF_MAP_LOOKUP_BATCH: one syscall per ``batch`` entries instead of one
+    per key (hash and LRU hash maps; kernel >= 5.6). Falls back to key-by-key walking when the
+    kernel or map type does not support batches (EINVAL/ENOTSUPP)."""
+    keys: List[bytes] = []
+    kbuf = ctypes.create_string_buffer(key_size * batch)
+    vbuf = ctypes.create_string_buffer(value_size * batch)
+    token_in = ctypes.create_string_buffer(max(key_size, 8))
+    token_out = ctypes.create_string_buffer(max(key_size, 8))
+    first = True
+    while True:
+        attr = _attr("=QQQQIIQQ", 0 if first else _addr(token_in), _addr(token_out), _addr(kbuf), _addr(vbuf),
+                     batch, fd, 0, 0)
+        done = False
+        ret = _libc.syscall(_nr(), ctypes.c_int(BPF_MAP_LOOKUP_BATCH), attr, ctypes.c_uint(ATTR_SIZE))
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOENT:
+                done = True
+            elif first and err in (errno.EINVAL, errno.ENOTSUP, 524):  # 524: kernel ENOTSUPP
+                return map_keys(fd, key_size)
+            else:
+                raise BpfError(err, f"map lookup batch: {os.strerror(err)}")
+        count = struct.unpack_from("=I", attr, 32)[0]
+        raw = kbuf.raw
+        keys.extend(raw[i * key_size:(i + 1) * key_size] for i in range(count))
+        if done:
+            return keys
+        ctypes.memmove(token_in, token_out, len(token_out))
+        first = False
+
+
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "") -> int:
     """Create an anonymous map (doctor probes); returns its fd."""
     attr = ctypes.create_string_buffer(ATTR_SIZE)
@@ -211,6 +247,12 @@ def possible_cpus() -> int:
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     """A bpf link attaching prog to target (cgroup fd); multi-attach like BPF_F_ALLOW_MULTI."""
     return sys_bpf(BPF_LINK_CREATE, _attr("=IIII", prog_fd, target_fd, attach_type, 0), "link create")
+
+
+def tcx_link_create(prog_fd: int, ifindex: int, attach_type: int) -> int:
+    """A tcx link (kernel >= 6.6) on interface ``ifindex`` of the calling thread's network
+    namespace; appended after any programs already attached (relative_fd 0, no revision)."""
+    return sys_bpf(BPF_LINK_CREATE, _attr("=IIII", prog_fd, ifindex, attach_type, 0), "tcx link create")
 
 
 def link_detach(link_fd: int) -> None:
@@ -266,4 +308,8 @@ def prog_info(fd: int) -> dict:
 def link_info(fd: int) -> dict:
     raw = _info(fd, 64)
     ltype, lid, prog_id = struct.unpack_from("=III", raw, 0)
-    return {"type": ltype, "id": lid, "prog_id": prog_id}
+    out = {"type": ltype, "id": lid, "prog_id": prog_id}
+    if ltype == BPF_LINK_TYPE_TCX:
+        # ifindex 0: the device went away and the kernel detached the link
+        out["ifindex"], out["attach_type"] = struct.unpack_from("=II", raw, 16)
+    return out

@@ -189,7 +189,12 @@ def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
     node = client.node
     pin_dir, cgroup = node.node.pin_dir, node.node.cgroup
     assert os.listdir(pin_dir)
-    assert ebpf_tc.status(client.netns)["eth0"]["ingress"]
+    state = ebpf_tc.status(client.netns)["eth0"]
+    assert state["ingress"] and state["egress"]
+    tcx_pins = [e for e in client.node.manager().store.get(client.netns.key).extra["tc"] if e.get("tcx")]
+    if tcx_pins:  # kernel >= 6.6: pinned tcx links, no qdisc of ours
+        assert state.get("tcx") and not state["clsact"]
+        assert all(os.path.exists(p) for e in tcx_pins for p in e["pins"].values())
     program_ids = [p["id"] for p in ebpf_maps.node_status(node.node)["programs"].values()]
     assert len(program_ids) == 6
     node.manager().disable_all()
@@ -210,7 +215,8 @@ def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
             assert bpfsys.prog_query(fd, attach) == []
     finally:
         os.close(fd)
-    assert ebpf_tc.status(client.netns) == {}  # no filter of ours, and the clsact we made is gone
+    # no tcx link or filter of ours, and the clsact we made (fallback path) is gone
+    assert ebpf_tc.status(client.netns) == {}
     # the other node is untouched until its own disable --all
     assert os.listdir(remote.node.node.pin_dir)
     remote.node.manager().disable_all()

@@ -195,6 +195,33 @@ def test_disable_of_a_vanished_namespace_removes_its_map_entries(topo):
         assert ebpf_maps.count_entries(pins, "config") == 0
         assert ebpf_maps.count_entries(pins, "podip") == 0
         assert ebpf_maps.count_entries(pins, "counters") == 0
+        assert not [n for n in os.listdir(pins.dir) if n.startswith("link_tcx_")]
+
+
+def _kernel_has_tcx() -> bool:
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 6)
+
+
+@pytest.mark.skipif(not _kernel_has_tcx(), reason="tcx links need kernel >= 6.6 (clsact fallback covered elsewhere)")
+def test_tc_programs_are_pinned_tcx_links_that_disable_removes(topo):
+    from meshintercept.backends.ebpf import tc
+
+    a = topo.add_pod("a")
+    manager = Manager(topo.node)
+    manager.enable(a.name, "ebpf", InterceptSpec())
+    entry = manager.store.get(a.netns.key).extra["tc"][0]
+    assert entry["tcx"] and entry["ifname"] == "eth0" and set(entry["pins"]) == {"in", "eg"}
+    assert tc.status(a.netns)["eth0"] == {"ifindex": entry["ifindex"], "ingress": True, "egress": True,
+                                         "clsact": False, "tcx": True}
+    # a changed spec keeps the same links (no detach window)
+    ids = {d: bpfsys.link_info(bpfsys.obj_get(p))["id"] for d, p in entry["pins"].items()}
+    manager.enable(a.name, "ebpf", InterceptSpec.build(exclude_outbound_ports=[22]))
+    assert {d: bpfsys.link_info(bpfsys.obj_get(p))["id"] for d, p in entry["pins"].items()} == ids
+    assert manager.status(a.name)["namespaces"][0]["live"]["in_place"]
+    manager.disable(a.name)
+    assert not any(os.path.exists(p) for p in entry["pins"].values())
+    assert tc.status(a.netns) == {}
 
 
 # --- headers for bcc -----------------------------------------------------------------------

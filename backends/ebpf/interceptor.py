@@ -2,7 +2,7 @@
 
 Node-wide: programs loaded once (loader.load) and pinned. Per namespace: one entry in the
 config map keyed by the namespace's netns cookie, its pod IPs in the pod IP map, a
-counters slot, and tc filters on its interfaces. Enable writes the config entry last (that
+counters slot, and tc programs on its interfaces (pinned tcx links, or clsact filters). Enable writes the config entry last (that
 is what turns interception on) and disable deletes it first.
 """
 
@@ -69,16 +69,20 @@ class EbpfInterceptor(Interceptor):
             from . import tc
 
             prev_tc = (previous.extra.get("tc") if previous else None) or []
-            attached = tc.attach(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), prev_tc)
+            prev_ips = (previous.extra.get("pod_ips") if previous else None) or []
+            attached = tc.attach_tcx(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), pins.dir, cookie, prev_tc)
+            if attached is None:  # kernel without tcx: clsact filters (imports pyroute2)
+                attached = tc.attach(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), prev_tc)
             added_ips: List[str] = []
             try:
-                added_ips = nsmaps.set_pod_ips(pins, cookie, attached["pod_ips"])
+                added_ips = nsmaps.set_pod_ips(pins, cookie, attached["pod_ips"], prev_ips)
                 nsmaps.ensure_counters(pins, cookie)
                 cfg = T.config_from_spec(spec, accelerate=accelerate)
                 bpfsys.map_update(pins.map("config"), T.u64(cookie), T.to_bytes(cfg))
             except BaseException:
                 if previous is None:
-                    nsmaps.forget_namespace(pins, cookie)
+                    nsmaps.forget_namespace(pins, cookie, [p["ip"] for p in attached["pod_ips"]])
+                    tc.detach_tcx(pins.dir, cookie, attached["interfaces"])
                     tc.detach(netns, attached["interfaces"])
                 raise
         return {
@@ -104,7 +108,8 @@ class EbpfInterceptor(Interceptor):
         cfg = T.config_to_dict(T.config_from_spec(spec))
         lines.append(f"config map: set netns cookie {cookie} ({netns.name}) = {cfg}")
         lines.append(f"pod IP map: every IPv4 address in {netns.name} -> cookie {cookie}")
-        lines.append(f"tc: clsact ingress/egress filters (prio {0x4D49}) on each interface of {netns.name} with an IPv4 address")
+        lines.append(f"tc: tcx ingress/egress links pinned under {pins.dir} (or, without tcx, clsact filters "
+                     f"prio {0x4D49}) on each interface of {netns.name} with an IPv4 address")
         return "\n".join(lines)
 
     # --- disable ----------------------------------------------------------------------
@@ -112,18 +117,23 @@ class EbpfInterceptor(Interceptor):
         cookie = record.extra.get("netns_cookie")
         if cookie is None and netns is not None:
             cookie = netns.cookie()
+        interfaces = record.extra.get("tc")
         pins = self.pins()
         try:
             if cookie is not None and pins.loaded():
-                nsmaps.forget_namespace(pins, cookie)
+                nsmaps.forget_namespace(pins, cookie, record.extra.get("pod_ips"))
+            from . import tc
+
+            # by pin name: works when the namespace is gone (its devices took the attachment along)
+            tc.detach_tcx(pins.dir, cookie, interfaces)
         finally:
             pins.close()
         if netns is not None:
             from . import tc
 
-            interfaces = record.extra.get("tc")
             if interfaces is None:  # no record of ours (failed enable): remove by recognition
-                interfaces = [{"ifindex": v["ifindex"], "qdisc_created": False} for v in tc.status(netns).values()]
+                interfaces = [{"ifindex": v["ifindex"], "qdisc_created": False}
+                              for v in tc.status(netns).values() if not v.get("tcx")]
             tc.detach(netns, interfaces)
 
     # --- status -----------------------------------------------------------------------
@@ -147,9 +157,17 @@ class EbpfInterceptor(Interceptor):
         if netns is not None:
             from . import tc
 
-            state = tc.status(netns)
+            recorded = record.extra.get("tc", [])
+            if recorded and all(e.get("tcx") for e in recorded):
+                # tcx: the pinned links say it all (no netlink, no pyroute2)
+                state = {e["ifname"]: {"ifindex": e["ifindex"], "tcx": True,
+                                       **{("ingress" if d == "in" else "egress"): tc.tcx_link_alive(p, e["ifindex"])
+                                          for d, p in (e.get("pins") or {}).items()}}
+                         for e in recorded}
+            else:
+                state = tc.status(netns)
             out["tc"] = state
-            expected = [e["ifname"] for e in record.extra.get("tc", [])]
+            expected = [e["ifname"] for e in recorded]
             tc_ok = all(state.get(name, {}).get("ingress") and state.get(name, {}).get("egress") for name in expected)
         out["in_place"] = bool(raw) and netns is not None and live_cookie == cookie and tc_ok
         if live_cookie is not None and live_cookie != cookie:

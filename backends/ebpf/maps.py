@@ -30,8 +30,13 @@ def _percpu_size(cls) -> int:
 
 
 # --- per-namespace writes ----------------------------------------------------------------
-def set_pod_ips(pins: NodePins, cookie: int, pod_ips: List[dict]) -> List[str]:
-    """Make the pod IP map hold exactly these IPs for this namespace; return IPs added."""
+def set_pod_ips(pins: NodePins, cookie: int, pod_ips: List[dict], previous_ips: Iterable[str] = ()) -> List[str]:
+    """Make the pod IP map hold exactly these IPs for this namespace; return IPs added.
+
+    Only ``previous_ips`` (what the namespace's earlier record wrote) can be stale: entries
+    are written only by enable, and a new namespace has a new netns cookie, so it owns
+    nothing yet. No walk over the whole map: enable stays flat in the number of namespaces.
+    """
     fd = pins.map("podip")
     wanted = {T.ip_to_be32(p["ip"]): p for p in pod_ips}
     cfg_fd = pins.map("config")
@@ -47,13 +52,19 @@ def set_pod_ips(pins: NodePins, cookie: int, pod_ips: List[dict]) -> List[str]:
         value = T.Pod(netns=cookie, ifindex=pod["ifindex"])
         bpfsys.map_update(fd, key_int.to_bytes(4, "little"), T.to_bytes(value))
         added.append(pod["ip"])
-    for key in bpfsys.map_keys(fd, 4):
-        if int.from_bytes(key, "little") in wanted:
-            continue
+    _delete_owned_ips(fd, cookie, [ip for ip in previous_ips if T.ip_to_be32(ip) not in wanted])
+    return added
+
+
+def _delete_owned_ips(fd: int, cookie: int, ips: Iterable[str]) -> int:
+    """Delete these pod IP entries where this namespace still owns them (by key, no walk)."""
+    removed = 0
+    for ip in ips:
+        key = T.ip_to_be32(ip).to_bytes(4, "little")
         raw = bpfsys.map_lookup(fd, key, _POD)
         if raw and T.from_bytes(T.Pod, raw).netns == cookie:
-            bpfsys.map_delete(fd, key)
-    return added
+            removed += int(bpfsys.map_delete(fd, key))
+    return removed
 
 
 def ensure_counters(pins: NodePins, cookie: int) -> None:
@@ -62,20 +73,35 @@ def ensure_counters(pins: NodePins, cookie: int) -> None:
         bpfsys.map_update(fd, T.u64(cookie), bytes(_percpu_size(T.Counters)), bpfsys.BPF_NOEXIST)
 
 
-def forget_namespace(pins: NodePins, cookie: int) -> Dict[str, int]:
-    """Delete everything keyed by this namespace: config first (stops interception)."""
+def forget_namespace(pins: NodePins, cookie: int, pod_ips: Optional[Iterable[str]] = None) -> Dict[str, int]:
+    """Delete everything keyed by this namespace: config first (stops interception).
+
+    ``pod_ips`` (the record's) are deleted by key. Without them (an enable that failed
+    before it was recorded) the pod IP map is walked for the cookie's entries.
+
+    The connection map (LRU) is keyed by the 4-tuple with the cookie inside, so finding a
+    namespace's entries needs a pass over it. The pass stays: entries of connections still
+    open at disable would otherwise keep answering SO_ORIGINAL_DST and hold LRU slots that
+    a busy node's live connections need. It is made cheap: keys come in batches
+    (BPF_MAP_LOOKUP_BATCH, one syscall per 1,024 entries), only matches are deleted, and the
+    map holds live connections only (closing sockets delete their own entries), not one
+    entry per managed namespace.
+    """
     removed = {"config": 0, "podip": 0, "counters": 0, "origdst": 0}
     key = T.u64(cookie)
     removed["config"] = int(bpfsys.map_delete(pins.map("config"), key))
     fd = pins.map("podip")
-    for k in bpfsys.map_keys(fd, 4):
-        raw = bpfsys.map_lookup(fd, k, _POD)
-        if raw and T.from_bytes(T.Pod, raw).netns == cookie:
-            removed["podip"] += int(bpfsys.map_delete(fd, k))
+    if pod_ips is not None:
+        removed["podip"] = _delete_owned_ips(fd, cookie, pod_ips)
+    else:
+        for k in bpfsys.map_keys(fd, 4):
+            raw = bpfsys.map_lookup(fd, k, _POD)
+            if raw and T.from_bytes(T.Pod, raw).netns == cookie:
+                removed["podip"] += int(bpfsys.map_delete(fd, k))
     removed["counters"] = int(bpfsys.map_delete(pins.map("counters"), key))
     fd = pins.map("origdst")
-    for k in bpfsys.map_keys(fd, _TUPLE):
-        if T.from_u64(k) == cookie:
+    for k in bpfsys.map_keys_batch(fd, _TUPLE, _ORIGIN):
+        if k[:8] == key:
             removed["origdst"] += int(bpfsys.map_delete(fd, k))
     return removed
 
@@ -89,7 +115,9 @@ def counters(pins: NodePins, cookie: int) -> Optional[dict]:
 
 
 def count_entries(pins: NodePins, name: str) -> int:
-    key_size = {"config": 8, "podip": 4, "origdst": _TUPLE, "counters": 8, "sockhash": _TUPLE}[name]
+    if name == "origdst":
+        return len(bpfsys.map_keys_batch(pins.map(name), _TUPLE, _ORIGIN))
+    key_size = {"config": 8, "podip": 4, "counters": 8, "sockhash": _TUPLE}[name]
     return len(bpfsys.map_keys(pins.map(name), key_size))
 
 

@@ -1,16 +1,29 @@
-"""tc (clsact) attachment of the cross-node inbound programs on a pod's interfaces.
+"""tc attachment of the cross-node inbound programs on a pod's interfaces.
 
 Runs in the calling thread switched into the pod's namespace (no fork: enabling one more
-namespace stays in milliseconds). Our filters are recognised by their priority and name;
-the clsact qdisc is removed on detach only when we created it and nothing else uses it.
+namespace stays in milliseconds).
+
+Preferred: tcx bpf links (kernel >= 6.6), made with bpf(2) alone and pinned in the node's
+layout dir as ``link_tcx_<netns cookie>_<ifindex>_<in|eg>``, so they outlive the CLI process
+and disable removes them by name (LINK_DETACH + unpin), even after the namespace is gone.
+No netlink library is imported on this path (pyroute2 costs the CLI ~100 ms).
+
+Fallback (older kernels): a clsact qdisc and bpf filters through pyroute2. Our filters are
+recognised by their priority and name; the clsact qdisc is removed on detach only when we
+created it and nothing else uses it.
 """
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
+import os
 import socket
+import struct
 from typing import Dict, List, Optional
 
+from meshintercept import bpfsys
 from meshintercept.errors import BackendFailure
 from meshintercept.netns import Netns
 
@@ -21,6 +34,155 @@ PRIO = 0x4D49
 HANDLE = 1
 NAMES = {INGRESS_PARENT: "mi_tc_ingress", EGRESS_PARENT: "mi_tc_egress"}
 ETH_P_ALL = 0x0003
+
+
+TCX = {"in": (bpfsys.BPF_TCX_INGRESS, "mi_tc_ingress"), "eg": (bpfsys.BPF_TCX_EGRESS, "mi_tc_egress")}
+SIOCGIFCONF = 0x8912
+_IFREQ = 40  # struct ifreq on 64-bit Linux: name[16] + union (24)
+
+
+def tcx_pin_name(cookie: int, ifindex: int, direction: str) -> str:
+    return f"link_tcx_{cookie}_{ifindex}_{direction}"
+
+
+def ipv4_by_interface() -> Dict[int, List[str]]:
+    """Non-loopback IPv4 addresses per ifindex in the calling thread's namespace, with one
+    ioctl (SIOCGIFCONF lists every address, secondary ones under a ``dev:label`` name)."""
+    out: Dict[int, List[str]] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        size = 64
+        while True:
+            buf = array.array("B", bytes(size * _IFREQ))
+            addr, _ = buf.buffer_info()
+            ifc = struct.pack("iL", size * _IFREQ, addr)
+            used = struct.unpack("iL", fcntl.ioctl(sock.fileno(), SIOCGIFCONF, ifc))[0]
+            if used < size * _IFREQ:
+                break
+            size *= 4
+        raw = buf.tobytes()
+        index_of: Dict[str, int] = {}
+        for off in range(0, used, _IFREQ):
+            name = raw[off:off + 16].split(b"\0", 1)[0].decode().split(":", 1)[0]
+            ip = socket.inet_ntoa(raw[off + 20:off + 24])
+            if ip.startswith("127."):
+                continue
+            if name not in index_of:
+                index_of[name] = socket.if_nametoindex(name)
+            out.setdefault(index_of[name], []).append(ip)
+    return out
+
+
+def _tcx_ours(ifindex: int, direction: str) -> bool:
+    attach, prog_name = TCX[direction]
+    try:
+        ids = bpfsys.prog_query(ifindex, attach)
+    except OSError:
+        return False
+    for prog_id in ids:
+        try:
+            fd = bpfsys.prog_fd_by_id(prog_id)
+        except OSError:
+            continue
+        try:
+            if bpfsys.prog_info(fd)["name"] == prog_name:
+                return True
+        finally:
+            bpfsys.close(fd)
+    return False
+
+
+def _unpin_link(path: str) -> bool:
+    try:
+        fd = bpfsys.obj_get(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                bpfsys.link_detach(fd)
+            except OSError:
+                pass  # already detached (device gone)
+    finally:
+        bpfsys.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def tcx_link_alive(path: str, ifindex: int) -> bool:
+    """A pinned tcx link still attached to ``ifindex`` (0 once the device went away)."""
+    try:
+        fd = bpfsys.obj_get(path)
+    except OSError:
+        return False
+    try:
+        return bpfsys.link_info(fd).get("ifindex") == ifindex
+    finally:
+        bpfsys.close(fd)
+
+
+def attach_tcx(netns: Netns, ingress_fd: int, egress_fd: int, pin_dir: str, cookie: int,
+               previous: Optional[List[dict]] = None) -> Optional[dict]:
+    """Attach as pinned tcx links; None when this kernel has no tcx (use ``attach``)."""
+    fds = {"in": ingress_fd, "eg": egress_fd}
+    done: List[dict] = []
+    made: List[str] = []
+    with netns.entered():
+        addrs = ipv4_by_interface()
+        try:
+            for index in sorted(addrs):
+                pins = {}
+                for direction, fd in fds.items():
+                    path = os.path.join(pin_dir, tcx_pin_name(cookie, index, direction))
+                    if os.path.exists(path):
+                        if tcx_link_alive(path, index):
+                            pins[direction] = path
+                            continue
+                        _unpin_link(path)
+                    try:
+                        link = bpfsys.tcx_link_create(fd, index, TCX[direction][0])
+                    except OSError as exc:
+                        if not done and not made and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, 524):
+                            return None  # no tcx on this kernel
+                        raise
+                    try:
+                        bpfsys.obj_pin(link, path)
+                    finally:
+                        bpfsys.close(link)
+                    made.append(path)
+                    pins[direction] = path
+                done.append({"ifname": socket.if_indextoname(index), "ifindex": index, "tcx": True,
+                             "qdisc_created": False, "pins": pins})
+        except Exception as exc:
+            for path in made:
+                _unpin_link(path)
+            raise BackendFailure(f"cannot attach the tc programs in namespace {netns.name} ({exc}).") from exc
+    keep = {p for e in done for p in e["pins"].values()}
+    for entry in previous or []:
+        for path in (entry.get("pins") or {}).values():
+            if path not in keep:
+                _unpin_link(path)
+    if previous and any(not e.get("tcx") for e in previous):
+        detach(netns, [e for e in previous if not e.get("tcx")])  # an older clsact attachment
+    pod_ips = [{"ip": ip, "ifindex": index} for index in sorted(addrs) for ip in addrs[index]]
+    return {"interfaces": done, "pod_ips": pod_ips}
+
+
+def detach_tcx(pin_dir: str, cookie: Optional[int], interfaces: Optional[List[dict]]) -> int:
+    """Remove this namespace's tcx links by their pins; also any pin named for the cookie
+    that the record does not list (an enable that failed half way). Works without the netns."""
+    paths = {p for e in interfaces or [] for p in (e.get("pins") or {}).values()}
+    if cookie is not None:
+        prefix = f"link_tcx_{cookie}_"
+        try:
+            paths.update(os.path.join(pin_dir, n) for n in os.listdir(pin_dir) if n.startswith(prefix))
+        except OSError:
+            pass
+    return sum(_unpin_link(p) for p in sorted(paths))
 
 
 def _ipr():
@@ -121,6 +283,10 @@ def _detach_one(ipr, entry: dict) -> None:
 
 
 def detach(netns: Netns, interfaces: List[dict]) -> None:
+    """Remove clsact-path filters (tcx entries are removed by ``detach_tcx``)."""
+    interfaces = [e for e in interfaces if not e.get("tcx")]
+    if not interfaces:
+        return
     with netns.entered(), _ipr() as ipr:
         present = {link["index"] for link in ipr.get_links()}
         for entry in interfaces:
@@ -129,15 +295,20 @@ def detach(netns: Netns, interfaces: List[dict]) -> None:
 
 
 def status(netns: Netns) -> Dict[str, dict]:
-    """Per interface: our ingress/egress filters present, clsact present."""
+    """Per interface: our programs present on ingress/egress (as a tcx link or a clsact
+    filter), clsact present; ``tcx: True`` when ours are tcx links. A full look (it
+    imports pyroute2 for the qdiscs): for diagnostics and tests, not for enable."""
     out = {}
     with netns.entered(), _ipr() as ipr:
         for link in ipr.get_links():
             index = link["index"]
-            ingress = bool(_our_filters(ipr, index, INGRESS_PARENT))
-            egress = bool(_our_filters(ipr, index, EGRESS_PARENT))
+            tcx_in, tcx_eg = _tcx_ours(index, "in"), _tcx_ours(index, "eg")
+            ingress = bool(_our_filters(ipr, index, INGRESS_PARENT)) or tcx_in
+            egress = bool(_our_filters(ipr, index, EGRESS_PARENT)) or tcx_eg
             clsact = _has_clsact(ipr, index)
             if ingress or egress or clsact:
-                out[link.get_attr("IFLA_IFNAME")] = {"ifindex": index, "ingress": ingress, "egress": egress,
-                                                     "clsact": clsact}
+                state = {"ifindex": index, "ingress": ingress, "egress": egress, "clsact": clsact}
+                if tcx_in or tcx_eg:
+                    state["tcx"] = True
+                out[link.get_attr("IFLA_IFNAME")] = state
     return out
