@@ -20,7 +20,7 @@ import shlex
 import sysconfig
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from meshintercept.backends import iptables_rules as model
 from meshintercept.errors import BackendFailure, Conflict, EnvironmentMissing
@@ -359,9 +359,19 @@ def xtables_lock(timeout: float = None):
         os.close(fd)
 
 
-def apply(ruleset: model.Ruleset, where: str, lock_timeout: float = None) -> dict:
-    """Make our part of the nat table equal ``ruleset`` in one commit; leave the rest alone."""
-    return _change(lambda table, live: _reconcile(table, live, ruleset), where, lock_timeout)
+def apply(ruleset: model.Ruleset, where: str, lock_timeout: float = None,
+          observe: Optional[Callable[["LiveTable"], dict]] = None) -> dict:
+    """Make our part of the nat table equal ``ruleset`` in one commit; leave the rest alone.
+
+    ``observe(live)`` adds facts about the table as read for this commit to the summary
+    (others' rules are not changed by our commit, so no second read is needed)."""
+    def edit(table, live):
+        summary = _reconcile(table, live, ruleset)
+        if observe is not None:
+            summary.update(observe(live))
+        return summary
+
+    return _change(edit, where, lock_timeout)
 
 
 def remove(where: str, lock_timeout: float = None) -> dict:
