@@ -3,7 +3,8 @@
 It listens on the outbound port (15001) and the inbound port (15003), asks every accepted
 socket for its original destination with ``getsockopt(SOL_IP, SO_ORIGINAL_DST)`` — answered
 by conntrack under the iptables backend and by a ``cgroup/getsockopt`` program under the
-eBPF backend — and splices bytes both ways:
+eBPF backend — and relays bytes both ways (non-blocking sockets, one epoll per connection,
+half-closes passed on; safe under eBPF ``--accelerate``):
 
 * outbound: to the original destination, or round robin to the backends of a route when the
   original destination is a virtual service address (``--route VIP:PORT=IP:PORT,IP:PORT``);
@@ -23,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import ipaddress
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -37,8 +38,7 @@ import time
 from typing import Dict, IO, List, Optional, Sequence, Tuple
 
 SO_ORIGINAL_DST = 80
-F_SETPIPE_SZ = 1031
-BUFFER_SIZE = 1 << 20
+BUFFER_SIZE = 256 * 1024  # per direction; one recv/send moves up to this much
 Addr = Tuple[str, int]
 
 
@@ -86,54 +86,21 @@ class ConnectionLog:
             self.stream.flush()
 
 
-class _Pipe:
-    """Kernel pipe for splice(2); one per direction, sized so a splice moves up to 1 MiB."""
-
-    def __init__(self):
-        self.r, self.w = os.pipe()
-        try:
-            fcntl.fcntl(self.w, F_SETPIPE_SZ, BUFFER_SIZE)
-        except OSError:
-            pass  # pipe-max-size may be lower; the default 64 KiB still works
-
-    def close(self):
-        os.close(self.r)
-        os.close(self.w)
-
-
-_HAVE_SPLICE = hasattr(os, "splice")
-
-
-def _pump_splice(src: socket.socket, dst: socket.socket, count: list) -> None:
-    """Move bytes src -> dst through a kernel pipe until EOF; count[0] tracks bytes delivered."""
-    pipe = _Pipe()
-    try:
-        sfd, dfd = src.fileno(), dst.fileno()
-        while True:
-            n = os.splice(sfd, pipe.w, BUFFER_SIZE, flags=os.SPLICE_F_MOVE)
-            if n == 0:
-                return
-            while n:
-                m = os.splice(pipe.r, dfd, n, flags=os.SPLICE_F_MOVE)
-                n -= m
-                count[0] += m
-    finally:
-        pipe.close()
-
-
-def _pump_copy(src: socket.socket, dst: socket.socket, count: list) -> None:
-    buf = bytearray(256 * 1024)
-    view = memoryview(buf)
-    while True:
-        n = src.recv_into(buf)
-        if n == 0:
-            return
-        dst.sendall(view[:n])
-        count[0] += n
+#: Errors that only mean "not now": wait for readiness and try again. A sockmap-redirected
+#: socket (eBPF --accelerate) returns EAGAIN from recv() even when it was woken for data, so
+#: the relay never trusts one readiness report (see docs/ebpf.md, "--accelerate").
+_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
 class _Flow:
-    """One proxied connection: two directions, counters, and the first error seen."""
+    """One proxied connection relayed by one thread with its own epoll: both sockets are
+    non-blocking, each direction has one buffer, and a direction only reads again when its
+    buffer has been written out (back-pressure without unbounded memory).
+
+    No splice(2): under eBPF --accelerate, sk_msg puts redirected bytes on the psock's
+    ingress queue, which only recvmsg() reads; splice-read waits on the socket's receive
+    queue forever. The copy path moves as fast here (docs/ebpf.md has the figures).
+    """
 
     def __init__(self, client: socket.socket, upstream: socket.socket):
         self.client = client
@@ -141,42 +108,108 @@ class _Flow:
         self.bytes_up = 0
         self.bytes_down = 0
         self.error: Optional[str] = None
-        self.aborted = False
 
-    def pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        moved = [0]
+    def run(self) -> None:
+        client, upstream = self.client, self.upstream
+        names = {client.fileno(): "client", upstream.fileno(): "upstream"}
+        # direction state: [src, dst, buffer, view, pending_start, pending_end, eof, up]
+        dirs = []
+        for src, dst, up in ((client, upstream, True), (upstream, client, False)):
+            buf = bytearray(BUFFER_SIZE)
+            dirs.append({"src": src, "dst": dst, "buf": buf, "view": memoryview(buf), "lo": 0, "hi": 0,
+                         "eof": False, "shut": False, "up": up})
+        for sock in (client, upstream):
+            sock.setblocking(False)
+        ep = select.epoll(2)
+        registered: Dict[int, int] = {}
+        failing = None  # the socket whose error ended the flow
         try:
-            if _HAVE_SPLICE:
+            while not all(d["shut"] for d in dirs):
+                progress = False
+                for d in dirs:
+                    if d["shut"]:
+                        continue
+                    failing = d["src"]
+                    if d["lo"] == d["hi"] and not d["eof"]:
+                        try:
+                            n = d["src"].recv_into(d["buf"])
+                        except OSError as exc:
+                            if exc.errno not in _RETRY:
+                                raise
+                        else:
+                            if n == 0:
+                                d["eof"] = True
+                            else:
+                                d["lo"], d["hi"] = 0, n
+                            progress = True
+                    failing = d["dst"]
+                    while d["lo"] < d["hi"]:
+                        try:
+                            m = d["dst"].send(d["view"][d["lo"]:d["hi"]])
+                        except OSError as exc:
+                            if exc.errno not in _RETRY:
+                                raise
+                            break
+                        d["lo"] += m
+                        if d["up"]:
+                            self.bytes_up += m
+                        else:
+                            self.bytes_down += m
+                        progress = True
+                    if d["eof"] and d["lo"] == d["hi"]:
+                        # Half-close: the peer finished sending; tell the other side, keep the reverse open.
+                        try:
+                            d["dst"].shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
+                        d["shut"] = True
+                        progress = True
+                failing = None
+                if progress:
+                    continue
+                # Nothing moved: wait until a socket we need is readable / writable.
+                want: Dict[int, int] = {}
+                for d in dirs:
+                    if d["shut"]:
+                        continue
+                    if d["lo"] < d["hi"]:
+                        fd = d["dst"].fileno()
+                        want[fd] = want.get(fd, 0) | select.EPOLLOUT
+                    elif not d["eof"]:
+                        fd = d["src"].fileno()
+                        want[fd] = want.get(fd, 0) | select.EPOLLIN | select.EPOLLRDHUP
+                for fd, mask in want.items():
+                    if fd not in registered:
+                        ep.register(fd, mask)
+                    elif registered[fd] != mask:
+                        ep.modify(fd, mask)
+                for fd in [fd for fd in registered if fd not in want]:
+                    ep.unregister(fd)
+                registered = {fd: want[fd] for fd in want}
                 try:
-                    _pump_splice(src, dst, moved)
-                except OSError as exc:
-                    if exc.errno not in (errno.EINVAL, errno.ENOSYS) or moved[0]:
-                        raise
-                    _pump_copy(src, dst, moved)  # a socket type splice refuses
-            else:
-                _pump_copy(src, dst, moved)
-            # Half-close: the peer finished sending, tell the other side, keep the reverse open.
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+                    events = ep.poll()
+                except InterruptedError:
+                    continue
+                for fd, ev in events:
+                    if ev & select.EPOLLERR:
+                        # Read the pending error now rather than after another round of EAGAIN.
+                        sock = client if fd == client.fileno() else upstream
+                        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if code:
+                            failing = sock
+                            raise OSError(code, os.strerror(code))
         except OSError as exc:
-            if self.error is None and not self.aborted:
-                self.error = f"{'upstream' if not up else 'client'} {errno.errorcode.get(exc.errno, exc.errno)}"
+            side = names.get(failing.fileno() if failing is not None else -1, "relay")
+            self.error = f"{side} {errno.errorcode.get(exc.errno, exc.errno)}"
             self.abort()
         finally:
-            if up:
-                self.bytes_up = moved[0]
-            else:
-                self.bytes_down = moved[0]
+            ep.close()
 
     def abort(self) -> None:
-        """Wake the other direction's blocking splice and make the final close send RST."""
-        self.aborted = True
+        """Make the final close send RST on both sides."""
         for sock in (self.client, self.upstream):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -294,10 +327,7 @@ class Sidecar:
             for sock in (conn, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             flow = _Flow(conn, upstream)
-            down = threading.Thread(target=flow.pump, args=(upstream, conn, False), daemon=True)
-            down.start()
-            flow.pump(conn, upstream, True)
-            down.join()
+            flow.run()
             entry.update(bytes_up=flow.bytes_up, bytes_down=flow.bytes_down, error=flow.error)
         except Exception as exc:  # noqa: BLE001 - one bad connection must not kill the sidecar
             entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -354,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     if args.uid is not None:
         drop_privileges(args.uid, args.gid)
-    threading.stack_size(512 * 1024)  # many connections x two threads each
+    threading.stack_size(512 * 1024)  # many connections x one thread each
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
