@@ -30,3 +30,19 @@ class TestEbpfWithProjectSidecar(BackendContract):
 class TestEbpfWithHaproxy(BackendContract):
     mode = "ebpf"
     sidecar_kind = "haproxy"
+
+
+# --accelerate (sockhash + sk_msg redirect) with both sidecars: the event-driven project
+# sidecar and HAProxy must pass the same contract as without acceleration.
+@pytest.mark.ebpf
+class TestEbpfAcceleratedWithProjectSidecar(BackendContract):
+    mode = "ebpf"
+    sidecar_kind = "project"
+    base_spec = {"accelerate": True}
+
+
+@pytest.mark.ebpf
+class TestEbpfAcceleratedWithHaproxy(BackendContract):
+    mode = "ebpf"
+    sidecar_kind = "haproxy"
+    base_spec = {"accelerate": True}
