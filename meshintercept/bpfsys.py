@@ -190,10 +190,16 @@ def map_items(fd: int, key_size: int, value_size: int) -> Iterator[Tuple[bytes, 
 
 
 def map_keys_batch(fd: int, key_size: int, value_size: int, batch: int = 1024) -> List[bytes]:
-    """All keys with BPF_MAP_LOOKUP_BATCH: one syscall per ``batch`` entries instead of one
-    per key (hash and LRU hash maps; kernel >= 5.6). Falls back to key-by-key walking when the
+    """All keys with BPF_MAP_LOOKUP_BATCH (see ``map_items_batch``)."""
+    return [k for k, _v in map_items_batch(fd, key_size, value_size, batch)]
+
+
+def map_items_batch(fd: int, key_size: int, value_size: int, batch: int = 1024) -> List[Tuple[bytes, bytes]]:
+    """All (key, value) pairs with BPF_MAP_LOOKUP_BATCH: one syscall per ``batch`` entries
+    instead of two per key (hash, LRU and per-CPU hash maps; kernel >= 5.6; a per-CPU
+    value_size is the whole per-CPU array). Falls back to key-by-key walking when the
     kernel or map type does not support batches (EINVAL/ENOTSUPP)."""
-    keys: List[bytes] = []
+    items: List[Tuple[bytes, bytes]] = []
     kbuf = ctypes.create_string_buffer(key_size * batch)
     vbuf = ctypes.create_string_buffer(value_size * batch)
     token_in = ctypes.create_string_buffer(max(key_size, 8))
@@ -208,15 +214,16 @@ def map_keys_batch(fd: int, key_size: int, value_size: int, batch: int = 1024) -
             err = ctypes.get_errno()
             if err == errno.ENOENT:
                 done = True
-            elif first and err in (errno.EINVAL, errno.ENOTSUP, 524):  # 524: kernel ENOTSUPP
-                return map_keys(fd, key_size)
+            elif first and err in (errno.EINVAL, errno.ENOTSUP, 524):  # 524: the kernel's ENOTSUPP
+                return list(map_items(fd, key_size, value_size))
             else:
                 raise BpfError(err, f"map lookup batch: {os.strerror(err)}")
         count = struct.unpack_from("=I", attr, 32)[0]
-        raw = kbuf.raw
-        keys.extend(raw[i * key_size:(i + 1) * key_size] for i in range(count))
+        keys, values = kbuf.raw, vbuf.raw
+        items.extend((keys[i * key_size:(i + 1) * key_size], values[i * value_size:(i + 1) * value_size])
+                     for i in range(count))
         if done:
-            return keys
+            return items
         ctypes.memmove(token_in, token_out, len(token_out))
         first = False
 

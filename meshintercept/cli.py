@@ -228,10 +228,13 @@ def _render_disable_all(result):
 @cli.command()
 @click.option("--netns", envvar=_env("netns"), metavar="NS", help="Show one namespace only. " + NETNS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (for scripts).")
+@click.option("--live", is_flag=True, default=None,
+              help="Look inside every namespace (slow with hundreds); without it, all-namespace status "
+                   "shows what the node's maps (ebpf) or the records (iptables) say. --netns is always live.")
 @pass_session
-def status(session, netns, as_json):
+def status(session, netns, as_json, live):
     """Show managed namespaces: mode, ports, exclusions and what is live in the kernel."""
-    data = session.manager.status(netns)
+    data = session.manager.status(netns, live=live)
     from meshintercept.render import render_status
 
     emit(data, as_json, render_status)

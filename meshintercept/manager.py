@@ -147,33 +147,75 @@ class Manager:
         return {"namespaces": removed, "teardown": torn, "changed": bool(removed) or any(torn.values())}
 
     # --- status -------------------------------------------------------------------------
-    def status(self, ns_ref: Optional[str] = None) -> dict:
+    def status(self, ns_ref: Optional[str] = None, live: Optional[bool] = None) -> dict:
+        """Managed namespaces and what is live in the kernel.
+
+        One namespace (``ns_ref``) is always inspected live, inside the namespace. For all
+        namespaces, looking inside each one costs milliseconds apiece (seconds at a thousand),
+        so by default a backend that can answer for many at once does (``inspect_many``: the
+        eBPF mode reads its pinned maps once) and the others show the recorded state, marked
+        ``"checked": "recorded"``; ``live=True`` inspects every namespace.
+        """
         if ns_ref is not None:
             record, netns = self._lookup(ns_ref)
             if record is None and netns is None:
                 raise NamespaceNotFound(f"network namespace {ns_ref!r} does not exist and is not managed.")
             records = [record] if record else []
+            live = True if live is None else live
         else:
             records = self.store.all()
-        items = [self._describe(r) for r in records]
+        namespaces = {r.key: self._present(r) for r in records}
+        lives: Dict[str, dict] = {}
+        if not live:
+            by_mode: Dict[str, List[NamespaceRecord]] = {}
+            for r in records:
+                by_mode.setdefault(r.mode, []).append(r)
+            for mode, group in by_mode.items():
+                lives.update(self._inspect_group(mode, group, namespaces))
+        items = []
+        for r in records:
+            if r.key not in lives:
+                lives[r.key] = self._inspect(r, namespaces[r.key])
+                lives[r.key].setdefault("checked", "live")
+            items.append(self._item(r, namespaces[r.key], lives[r.key]))
         return {"node": self.node.to_dict(), "namespaces": items}
 
-    def _describe(self, record: NamespaceRecord) -> dict:
+    @staticmethod
+    def _present(record: NamespaceRecord) -> Optional[Netns]:
         try:
             netns = Netns.parse(record.path)
-            if netns.key != record.key:
-                netns = None
         except MeshInterceptError:
-            netns = None
-        item = {
-            "namespace": record.name, "path": record.path, "mode": record.mode, "present": netns is not None,
-            "enabled_at": record.enabled_at, "spec": record.spec.to_dict(), "extra": record.extra,
-        }
+            return None
+        return netns if netns.key == record.key else None
+
+    def _inspect(self, record: NamespaceRecord, netns: Optional[Netns]) -> dict:
         try:
-            item["live"] = self.backend(record.mode).inspect(record, netns)
+            return self.backend(record.mode).inspect(record, netns)
         except MeshInterceptError as exc:
-            item["live"] = {"error": exc.message}
-        return item
+            return {"error": exc.message}
+
+    def _inspect_group(self, mode: str, records: List[NamespaceRecord], namespaces: dict) -> Dict[str, dict]:
+        try:
+            backend = self.backend(mode)
+        except MeshInterceptError as exc:
+            return {r.key: {"error": exc.message} for r in records}
+        many = getattr(backend, "inspect_many", None)
+        if many is None:
+            return {r.key: {"checked": "recorded", "in_place": None} for r in records}
+        try:
+            found = many(records, namespaces)
+        except MeshInterceptError as exc:
+            return {r.key: {"error": exc.message} for r in records}
+        for value in found.values():
+            value.setdefault("checked", "node")
+        return found
+
+    @staticmethod
+    def _item(record: NamespaceRecord, netns: Optional[Netns], live: dict) -> dict:
+        return {
+            "namespace": record.name, "path": record.path, "mode": record.mode, "present": netns is not None,
+            "enabled_at": record.enabled_at, "spec": record.spec.to_dict(), "extra": record.extra, "live": live,
+        }
 
     def records(self) -> List[NamespaceRecord]:
         return self.store.all()

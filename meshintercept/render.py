@@ -42,8 +42,12 @@ def render_status(data: dict) -> None:
             state = "[yellow]namespace gone[/] (disable it to drop the record)"
         elif live.get("error"):
             state = f"[red]error: {live['error']}[/]"
+        elif live.get("checked") == "recorded":
+            state = "[cyan]recorded[/] (not checked in the namespace; 'status --live' or '--netns' checks)"
         else:
             state = "[green]in place[/]" if live.get("in_place") else "[red]NOT in place[/] (enable again to repair)"
+            if live.get("checked") == "node":
+                state += " (from the node's pinned maps and links)"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["enabled_at"]))
         console.print(f"[bold]{item['namespace']}[/]  {item['mode']}  {state}  "
                       f"out :{spec['outbound_port']} in :{spec['inbound_port']} uid {spec['proxy_uid']}  since {since}")
@@ -66,7 +70,7 @@ def _spec_lines(spec: dict) -> list:
     return lines
 
 
-_SKIP = {"in_place", "error", "rules", "counters", "present", "table"}
+_SKIP = {"in_place", "error", "rules", "counters", "present", "table", "checked"}
 
 
 def _flat(value) -> str:

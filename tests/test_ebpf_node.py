@@ -224,6 +224,28 @@ def test_tc_programs_are_pinned_tcx_links_that_disable_removes(topo):
     assert tc.status(a.netns) == {}
 
 
+def test_status_of_all_namespaces_reads_the_node_maps_once_and_agrees_with_a_live_look(topo):
+    a, b = topo.add_pod("a"), topo.add_pod("b")
+    manager = Manager(topo.node)
+    manager.enable(a.name, "ebpf", InterceptSpec())
+    manager.enable(b.name, "ebpf", InterceptSpec.build(debug=True))
+    quick = {i["namespace"]: i["live"] for i in manager.status()["namespaces"]}
+    full = {i["namespace"]: i["live"] for i in manager.status(live=True)["namespaces"]}
+    assert {n: v["checked"] for n, v in quick.items()} == {a.name: "node", b.name: "node"}
+    for name in (a.name, b.name):
+        assert quick[name]["in_place"] is True and full[name]["in_place"] is True
+        for key in ("netns_cookie", "config", "debug", "counters", "tc"):
+            assert quick[name][key] == full[name][key], key
+    # a detached link shows without looking inside the namespace
+    entry = manager.store.get(b.netns.key).extra["tc"][0]
+    if entry.get("tcx"):
+        fd = bpfsys.obj_get(entry["pins"]["in"])
+        bpfsys.link_detach(fd)
+        bpfsys.close(fd)
+        quick = {i["namespace"]: i["live"] for i in manager.status()["namespaces"]}
+        assert quick[b.name]["in_place"] is False and quick[a.name]["in_place"] is True
+
+
 # --- headers for bcc -----------------------------------------------------------------------
 def _fake_tree(root, name):
     build = root / name / "build"

@@ -352,6 +352,11 @@ def test_through_the_manager(tmp_path, ns):
     assert manager.enable(ns.name, "iptables", spec)["changed"] is False
     [item] = manager.status(ns.name)["namespaces"]
     assert item["live"]["in_place"] is True
+    # all namespaces: the records, clearly marked, unless asked to look inside each one
+    [item] = manager.status()["namespaces"]
+    assert item["live"] == {"checked": "recorded", "in_place": None} and item["present"] is True
+    [item] = manager.status(live=True)["namespaces"]
+    assert item["live"]["in_place"] is True and item["live"]["checked"] == "live"
     manager.disable(ns.name)
     assert ours(save(ns)) == []
 

@@ -159,11 +159,7 @@ class EbpfInterceptor(Interceptor):
 
             recorded = record.extra.get("tc", [])
             if recorded and all(e.get("tcx") for e in recorded):
-                # tcx: the pinned links say it all (no netlink, no pyroute2)
-                state = {e["ifname"]: {"ifindex": e["ifindex"], "tcx": True,
-                                       **{("ingress" if d == "in" else "egress"): tc.tcx_link_alive(p, e["ifindex"])
-                                          for d, p in (e.get("pins") or {}).items()}}
-                         for e in recorded}
+                state = tc.tcx_state(recorded)  # the pinned links say it all (no netlink, no pyroute2)
             else:
                 state = tc.status(netns)
             out["tc"] = state
@@ -172,6 +168,45 @@ class EbpfInterceptor(Interceptor):
         out["in_place"] = bool(raw) and netns is not None and live_cookie == cookie and tc_ok
         if live_cookie is not None and live_cookie != cookie:
             out["problem"] = "the namespace's netns cookie changed (recreated); enable it again"
+        return out
+
+    def inspect_many(self, records: List[NamespaceRecord], namespaces: dict) -> dict:
+        """``inspect`` for many namespaces in one pass over the pinned maps (batched reads):
+        status of a node with a thousand namespaces in milliseconds. Same fields and
+        ``in_place`` meaning for namespaces with tcx links (cookie, config entry, links
+        attached); a clsact-fallback namespace is inspected one by one. ``namespaces`` maps a
+        record key to its Netns or None (gone)."""
+        from . import tc
+
+        out = {}
+        with self.pins() as pins:
+            if not pins.loaded():
+                return {r.key: self.inspect(r, namespaces.get(r.key)) for r in records}
+            configs, totals = nsmaps.all_configs_and_counters(pins)
+        for record in records:
+            netns = namespaces.get(record.key)
+            recorded = record.extra.get("tc", [])
+            cookie = record.extra.get("netns_cookie")
+            if cookie is None or not recorded or not all(e.get("tcx") for e in recorded):
+                out[record.key] = dict(self.inspect(record, netns), checked="live")
+                continue
+            live = {"in_place": False, "netns_cookie": cookie, "pod_ips": record.extra.get("pod_ips", []),
+                    "tc": None, "accelerate": False, "debug": False, "counters": totals.get(cookie)}
+            cfg = configs.get(cookie)
+            if cfg is not None:
+                live["accelerate"] = bool(cfg.flags & T.CFG_ACCELERATE)
+                live["debug"] = bool(cfg.flags & T.CFG_DEBUG)
+                live["config"] = T.config_to_dict(cfg)
+            live_cookie = netns.cookie() if netns is not None else None
+            tc_ok = True
+            if netns is not None:
+                state = tc.tcx_state(recorded)
+                live["tc"] = state
+                tc_ok = all(v.get("ingress") and v.get("egress") for v in state.values())
+            live["in_place"] = cfg is not None and netns is not None and live_cookie == cookie and tc_ok
+            if live_cookie is not None and live_cookie != cookie:
+                live["problem"] = "the namespace's netns cookie changed (recreated); enable it again"
+            out[record.key] = live
         return out
 
     # --- node -------------------------------------------------------------------------

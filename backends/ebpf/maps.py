@@ -114,6 +114,18 @@ def counters(pins: NodePins, cookie: int) -> Optional[dict]:
     return {name: getattr(total, name) for name in T.COUNTER_FIELDS}
 
 
+def all_configs_and_counters(pins: NodePins):
+    """Every namespace's config and summed counters, by cookie, in two batched passes."""
+    configs = {T.from_u64(k): T.from_bytes(T.Config, v)
+               for k, v in bpfsys.map_items_batch(pins.map("config"), 8, _CFG)}
+    size, cpus = _percpu_size(T.Counters), bpfsys.possible_cpus()
+    totals = {}
+    for k, v in bpfsys.map_items_batch(pins.map("counters"), 8, size):
+        total = T.sum_percpu(v, T.Counters, cpus)
+        totals[T.from_u64(k)] = {name: getattr(total, name) for name in T.COUNTER_FIELDS}
+    return configs, totals
+
+
 def count_entries(pins: NodePins, name: str) -> int:
     if name == "origdst":
         return len(bpfsys.map_keys_batch(pins.map(name), _TUPLE, _ORIGIN))

@@ -125,6 +125,14 @@ def tcx_link_alive(path: str, ifindex: int) -> bool:
         bpfsys.close(fd)
 
 
+def tcx_state(recorded: List[dict]) -> Dict[str, dict]:
+    """Per recorded interface, whether its pinned tcx links are still attached."""
+    return {e["ifname"]: {"ifindex": e["ifindex"], "tcx": True,
+                          **{("ingress" if d == "in" else "egress"): tcx_link_alive(p, e["ifindex"])
+                             for d, p in (e.get("pins") or {}).items()}}
+            for e in recorded}
+
+
 def attach_tcx(netns: Netns, ingress_fd: int, egress_fd: int, pin_dir: str, cookie: int,
                previous: Optional[List[dict]] = None) -> Optional[dict]:
     """Attach as pinned tcx links; None when this kernel has no tcx (use ``attach``)."""
