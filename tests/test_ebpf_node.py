@@ -277,7 +277,8 @@ def test_doctor_tries_everything_and_all_of_it_works_here(topo):
     failed = {name: (c.detail, c.fix) for name, c in checks.items() if not c.ok}
     assert not failed, failed
     for name in ("program connect4 attaches to a cgroup", "program getsockopt loads", "program tc_ingress loads",
-                 "sockhash + sk_msg (--accelerate)", "kernel headers for bcc", "connect4 hook free of other programs"):
+                 "sockhash + sk_msg (--accelerate)", "kernel headers for bcc", "connect4 hook free of other programs",
+                 "tc programs attach as tcx links"):
         assert name in checks
     # the throwaway cgroups are gone again
     assert not [d for d in os.listdir(topo.node.cgroup) if d.startswith("mi-doctor-")]
