@@ -64,7 +64,7 @@ class EbpfInterceptor(Interceptor):
                 accelerate = False
             elif accelerate:
                 warnings.append("--accelerate needs an event-driven sidecar that does not splice(2) from sockets "
-                                "(HAProxy, Envoy, Pipy); a blocking or splicing proxy can stall (docs/ebpf.md).")
+                                "(meshintercept-sidecar, HAProxy, Envoy, Pipy); a blocking or splicing proxy can stall (docs/ebpf.md).")
             cookie = netns.cookie()
             from . import tc
 
