@@ -204,9 +204,10 @@ def _kernel_has_tcx() -> bool:
 
 
 @pytest.mark.skipif(not _kernel_has_tcx(), reason="tcx links need kernel >= 6.6 (clsact fallback covered elsewhere)")
-def test_tc_programs_are_pinned_tcx_links_that_disable_removes(topo):
+def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(topo, monkeypatch):
     from meshintercept.backends.ebpf import tc
 
+    monkeypatch.setenv("MESHINTERCEPT_TC_ATTACH", "tcx")
     a = topo.add_pod("a")
     manager = Manager(topo.node)
     manager.enable(a.name, "ebpf", InterceptSpec())
@@ -219,12 +220,30 @@ def test_tc_programs_are_pinned_tcx_links_that_disable_removes(topo):
     manager.enable(a.name, "ebpf", InterceptSpec.build(exclude_outbound_ports=[22]))
     assert {d: bpfsys.link_info(bpfsys.obj_get(p))["id"] for d, p in entry["pins"].items()} == ids
     assert manager.status(a.name)["namespaces"][0]["live"]["in_place"]
-    manager.disable(a.name)
+    # back to the default (clsact filters): the tcx links go, the filters come
+    monkeypatch.delenv("MESHINTERCEPT_TC_ATTACH")
+    manager.enable(a.name, "ebpf", InterceptSpec())
     assert not any(os.path.exists(p) for p in entry["pins"].values())
+    assert tc.status(a.netns)["eth0"] == {"ifindex": entry["ifindex"], "ingress": True, "egress": True, "clsact": True}
+    manager.disable(a.name)
     assert tc.status(a.netns) == {}
+    # and tcx again, then disable after the namespace is gone: the pins go by name
+    monkeypatch.setenv("MESHINTERCEPT_TC_ATTACH", "tcx")
+    manager.enable(a.name, "ebpf", InterceptSpec())
+    pins = manager.store.get(a.netns.key).extra["tc"][0]["pins"]
+    assert all(os.path.exists(p) for p in pins.values())
+    subprocess.run(["ip", "netns", "del", a.name], check=True)
+    topo.namespaces.remove(a.name)
+    manager.disable(a.name)
+    assert not any(os.path.exists(p) for p in pins.values())
 
 
-def test_status_of_all_namespaces_reads_the_node_maps_once_and_agrees_with_a_live_look(topo):
+@pytest.mark.parametrize("attach", ["clsact", "tcx"])
+def test_status_of_all_namespaces_reads_the_node_maps_once_and_agrees_with_a_live_look(topo, monkeypatch, attach):
+    if attach == "tcx":
+        if not _kernel_has_tcx():
+            pytest.skip("tcx needs kernel >= 6.6")
+        monkeypatch.setenv("MESHINTERCEPT_TC_ATTACH", "tcx")
     a, b = topo.add_pod("a"), topo.add_pod("b")
     manager = Manager(topo.node)
     manager.enable(a.name, "ebpf", InterceptSpec())
@@ -236,14 +255,17 @@ def test_status_of_all_namespaces_reads_the_node_maps_once_and_agrees_with_a_liv
         assert quick[name]["in_place"] is True and full[name]["in_place"] is True
         for key in ("netns_cookie", "config", "debug", "counters", "tc"):
             assert quick[name][key] == full[name][key], key
-    # a detached link shows without looking inside the namespace
+    # a removed attachment shows in the quick status too
     entry = manager.store.get(b.netns.key).extra["tc"][0]
     if entry.get("tcx"):
         fd = bpfsys.obj_get(entry["pins"]["in"])
         bpfsys.link_detach(fd)
         bpfsys.close(fd)
-        quick = {i["namespace"]: i["live"] for i in manager.status()["namespaces"]}
-        assert quick[b.name]["in_place"] is False and quick[a.name]["in_place"] is True
+    else:
+        subprocess.run(["ip", "netns", "exec", b.name, "tc", "filter", "del", "dev", "eth0", "ingress",
+                        "prio", str(0x4D49)], check=True)
+    quick = {i["namespace"]: i["live"] for i in manager.status()["namespaces"]}
+    assert quick[b.name]["in_place"] is False and quick[a.name]["in_place"] is True
 
 
 # --- headers for bcc -----------------------------------------------------------------------

@@ -70,8 +70,11 @@ class EbpfInterceptor(Interceptor):
 
             prev_tc = (previous.extra.get("tc") if previous else None) or []
             prev_ips = (previous.extra.get("pod_ips") if previous else None) or []
-            attached = tc.attach_tcx(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), pins.dir, cookie, prev_tc)
-            if attached is None:  # kernel without tcx: clsact filters (imports pyroute2)
+            attached = None
+            if os.environ.get("MESHINTERCEPT_TC_ATTACH") == "tcx":  # opt-in: see tc.py on its cost
+                attached = tc.attach_tcx(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), pins.dir, cookie,
+                                         prev_tc)
+            if attached is None:
                 attached = tc.attach(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), prev_tc)
             added_ips: List[str] = []
             try:
@@ -108,8 +111,8 @@ class EbpfInterceptor(Interceptor):
         cfg = T.config_to_dict(T.config_from_spec(spec))
         lines.append(f"config map: set netns cookie {cookie} ({netns.name}) = {cfg}")
         lines.append(f"pod IP map: every IPv4 address in {netns.name} -> cookie {cookie}")
-        lines.append(f"tc: tcx ingress/egress links pinned under {pins.dir} (or, without tcx, clsact filters "
-                     f"prio {0x4D49}) on each interface of {netns.name} with an IPv4 address")
+        lines.append(f"tc: clsact ingress/egress filters (prio {0x4D49}; tcx links pinned under {pins.dir} with "
+                     f"MESHINTERCEPT_TC_ATTACH=tcx) on each interface of {netns.name} with an IPv4 address")
         return "\n".join(lines)
 
     # --- disable ----------------------------------------------------------------------
@@ -160,6 +163,8 @@ class EbpfInterceptor(Interceptor):
             recorded = record.extra.get("tc", [])
             if recorded and all(e.get("tcx") for e in recorded):
                 state = tc.tcx_state(recorded)  # the pinned links say it all (no netlink, no pyroute2)
+            elif recorded:
+                state = tc.clsact_state(netns, recorded)  # raw rtnetlink, no pyroute2
             else:
                 state = tc.status(netns)
             out["tc"] = state
@@ -171,11 +176,11 @@ class EbpfInterceptor(Interceptor):
         return out
 
     def inspect_many(self, records: List[NamespaceRecord], namespaces: dict) -> dict:
-        """``inspect`` for many namespaces in one pass over the pinned maps (batched reads):
-        status of a node with a thousand namespaces in milliseconds. Same fields and
-        ``in_place`` meaning for namespaces with tcx links (cookie, config entry, links
-        attached); a clsact-fallback namespace is inspected one by one. ``namespaces`` maps a
-        record key to its Netns or None (gone)."""
+        """``inspect`` for many namespaces with one batched pass over the config and counters
+        maps instead of lookups per namespace; the tc attachment is checked per namespace the
+        cheap way (pinned tcx links, or one raw rtnetlink filter dump per direction). Same
+        fields and ``in_place`` meaning as ``inspect``. ``namespaces`` maps a record key to
+        its Netns or None (gone)."""
         from . import tc
 
         out = {}
@@ -187,7 +192,7 @@ class EbpfInterceptor(Interceptor):
             netns = namespaces.get(record.key)
             recorded = record.extra.get("tc", [])
             cookie = record.extra.get("netns_cookie")
-            if cookie is None or not recorded or not all(e.get("tcx") for e in recorded):
+            if cookie is None or not recorded:
                 out[record.key] = dict(self.inspect(record, netns), checked="live")
                 continue
             live = {"in_place": False, "netns_cookie": cookie, "pod_ips": record.extra.get("pod_ips", []),
@@ -200,7 +205,8 @@ class EbpfInterceptor(Interceptor):
             live_cookie = netns.cookie() if netns is not None else None
             tc_ok = True
             if netns is not None:
-                state = tc.tcx_state(recorded)
+                state = (tc.tcx_state(recorded) if all(e.get("tcx") for e in recorded)
+                         else tc.clsact_state(netns, recorded))
                 live["tc"] = state
                 tc_ok = all(v.get("ingress") and v.get("egress") for v in state.values())
             live["in_place"] = cfg is not None and netns is not None and live_cookie == cookie and tc_ok

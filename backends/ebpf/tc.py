@@ -1,16 +1,19 @@
 """tc attachment of the cross-node inbound programs on a pod's interfaces.
 
 Runs in the calling thread switched into the pod's namespace (no fork: enabling one more
-namespace stays in milliseconds).
+namespace stays in milliseconds). No netlink library on enable or disable (pyroute2 costs
+the CLI ~100 ms to import; it is used only by ``status``, a diagnostic look).
 
-Preferred: tcx bpf links (kernel >= 6.6), made with bpf(2) alone and pinned in the node's
-layout dir as ``link_tcx_<netns cookie>_<ifindex>_<in|eg>``, so they outlive the CLI process
-and disable removes them by name (LINK_DETACH + unpin), even after the namespace is gone.
-No netlink library is imported on this path (pyroute2 costs the CLI ~100 ms).
-
-Fallback (older kernels): a clsact qdisc and bpf filters through pyroute2. Our filters are
+Default: a clsact qdisc and bpf filters over a raw rtnetlink socket (tcnl). Our filters are
 recognised by their priority and name; the clsact qdisc is removed on detach only when we
 created it and nothing else uses it.
+
+Opt-in (``MESHINTERCEPT_TC_ATTACH=tcx``, kernel >= 6.6): tcx bpf links, pinned in the node's
+layout dir as ``link_tcx_<netns cookie>_<ifindex>_<in|eg>`` so they outlive the CLI process
+and disable removes them by name (LINK_DETACH + unpin), even after the namespace is gone.
+Not the default because each tcx attach and detach waits for an RCU grace period on this
+kernel (8-16 ms each, measured; see docs/benchmarks.md), which alone breaks the 10 ms
+enable target.
 """
 
 from __future__ import annotations
@@ -199,15 +202,6 @@ def _ipr():
     return IPRoute()
 
 
-def _addresses(ipr) -> Dict[int, List[str]]:
-    out: Dict[int, List[str]] = {}
-    for addr in ipr.get_addr(family=socket.AF_INET):
-        ip = addr.get_attr("IFA_ADDRESS")
-        if ip and not ip.startswith("127."):
-            out.setdefault(addr["index"], []).append(ip)
-    return out
-
-
 def _has_clsact(ipr, index: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index))
 
@@ -225,81 +219,83 @@ def _our_filters(ipr, index: int, parent: int) -> list:
     return found
 
 
-def _other_filters(ipr, index: int) -> int:
-    count = 0
-    for parent in (INGRESS_PARENT, EGRESS_PARENT):
-        try:
-            for flt in ipr.get_filters(index=index, parent=parent):
-                if ((flt["info"] >> 16) & 0xFFFF) != PRIO and flt.get_attr("TCA_KIND"):
-                    count += 1
-        except Exception:
-            pass
-    return count
-
-
-def _del_ours(ipr, index: int) -> None:
-    for parent in (INGRESS_PARENT, EGRESS_PARENT):
-        if _our_filters(ipr, index, parent):
-            try:
-                ipr.tc("del-filter", "bpf", index, HANDLE, parent=parent, prio=PRIO, protocol=ETH_P_ALL)
-            except Exception as exc:
-                if getattr(exc, "code", None) not in (errno.ENOENT, errno.EINVAL):
-                    raise
-
-
 def attach(netns: Netns, ingress_fd: int, egress_fd: int, previous: Optional[List[dict]] = None) -> dict:
-    """Attach to every interface holding an IPv4 address; return interfaces and pod IPs.
+    """Attach clsact filters to every interface holding an IPv4 address (raw rtnetlink, see
+    tcnl); return interfaces and pod IPs.
 
     ``previous`` is the earlier record's interface list: whether we created a qdisc is
-    remembered across spec changes.
+    remembered across spec changes; tcx links of an earlier record are replaced.
     """
+    from .tcnl import Rtnl
+
     created_before = {e["ifindex"]: e.get("qdisc_created", False) for e in (previous or [])}
     done: List[dict] = []
-    with netns.entered(), _ipr() as ipr:
-        addrs = _addresses(ipr)
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    with netns.entered(), Rtnl() as nl:
+        addrs = ipv4_by_interface()
         try:
             for index in sorted(addrs):
-                created = False
-                if not _has_clsact(ipr, index):
-                    ipr.tc("add", "clsact", index)
-                    created = True
-                entry = {"ifname": names.get(index, "?"), "ifindex": index,
+                created = nl.add_clsact(index)
+                entry = {"ifname": socket.if_indextoname(index), "ifindex": index,
                          "qdisc_created": created or created_before.get(index, False)}
                 done.append(entry)
-                _del_ours(ipr, index)
                 for parent, fd in ((INGRESS_PARENT, ingress_fd), (EGRESS_PARENT, egress_fd)):
-                    ipr.tc("add-filter", "bpf", index, HANDLE, fd=fd, name=NAMES[parent], parent=parent,
-                           prio=PRIO, protocol=ETH_P_ALL, classid=1, direct_action=True)
+                    nl.del_filters(index, parent, PRIO)
+                    nl.add_bpf_filter(index, parent, PRIO, ETH_P_ALL, HANDLE, fd, NAMES[parent])
         except Exception as exc:
             for entry in done:
-                _detach_one(ipr, entry)
+                _detach_one(nl, entry)
             raise BackendFailure(f"cannot attach the tc programs in namespace {netns.name} ({exc}).") from exc
+    old_tcx = [e for e in previous or [] if e.get("tcx")]
+    if old_tcx:
+        detach_tcx(os.path.dirname(next(iter(old_tcx[0]["pins"].values()))), None, old_tcx)
     pod_ips = [{"ip": ip, "ifindex": index} for index in sorted(addrs) for ip in addrs[index]]
     return {"interfaces": done, "pod_ips": pod_ips}
 
 
-def _detach_one(ipr, entry: dict) -> None:
+def _detach_one(nl, entry: dict) -> None:
     index = entry["ifindex"]
     try:
-        _del_ours(ipr, index)
-        if entry.get("qdisc_created") and _has_clsact(ipr, index) and _other_filters(ipr, index) == 0:
-            ipr.tc("del", "clsact", index)
-    except Exception as exc:
-        if getattr(exc, "code", None) not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+        for parent in (INGRESS_PARENT, EGRESS_PARENT):
+            nl.del_filters(index, parent, PRIO)
+        if entry.get("qdisc_created"):
+            others = [p for parent in (INGRESS_PARENT, EGRESS_PARENT) for p in nl.filter_prios(index, parent)
+                      if p != PRIO]
+            if not others:
+                nl.del_clsact(index)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
             raise
 
 
 def detach(netns: Netns, interfaces: List[dict]) -> None:
     """Remove clsact-path filters (tcx entries are removed by ``detach_tcx``)."""
+    from .tcnl import Rtnl
+
     interfaces = [e for e in interfaces if not e.get("tcx")]
     if not interfaces:
         return
-    with netns.entered(), _ipr() as ipr:
-        present = {link["index"] for link in ipr.get_links()}
+    with netns.entered(), Rtnl() as nl:
+        present = {index for index, _name in socket.if_nameindex()}
         for entry in interfaces:
             if entry["ifindex"] in present:
-                _detach_one(ipr, entry)
+                _detach_one(nl, entry)
+
+
+def clsact_state(netns: Netns, recorded: List[dict]) -> Dict[str, dict]:
+    """Per recorded interface, whether our bpf filters are on ingress and egress: one
+    filter dump per direction over raw rtnetlink (no pyroute2), for status and enable."""
+    from .tcnl import Rtnl
+
+    out = {}
+    with netns.entered(), Rtnl() as nl:
+        present = {index for index, _name in socket.if_nameindex()}
+        for e in recorded:
+            state = {"ifindex": e["ifindex"], "ingress": False, "egress": False}
+            if e["ifindex"] in present:
+                for parent, key in ((INGRESS_PARENT, "ingress"), (EGRESS_PARENT, "egress")):
+                    state[key] = (PRIO, "bpf") in nl.filters(e["ifindex"], parent)
+            out[e["ifname"]] = state
+    return out
 
 
 def status(netns: Netns) -> Dict[str, dict]:
