@@ -137,8 +137,8 @@ def _programs(node: Node) -> List[Check]:
 
         if "tc_ingress" in fds:
             checks.append(_try("tc programs attach as tcx links", lambda: _tcx(fds["tc_ingress"]),
-                               "kernel < 6.6: enable falls back to clsact filters through pyroute2 "
-                               "(works; imports pyroute2, ~100 ms more per CLI enable)", warning=True))
+                               "kernel < 6.6: leave MESHINTERCEPT_TC_ATTACH unset (the default clsact filters "
+                               "work everywhere); tcx links are an opt-in", warning=True))
 
         def sockhash():
             fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_SOCKHASH, 24, 4, 16, "mi_doctor")
@@ -242,7 +242,7 @@ def _tcx(prog_fd: int) -> str:
     _pid, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code == 0:
-        return "tcx link attached and detached in a throwaway namespace (pinned per namespace on enable)"
+        return "tcx link attached and detached in a throwaway namespace (MESHINTERCEPT_TC_ATTACH=tcx usable)"
     raise RuntimeError({1: "could not create a throwaway network namespace",
                         2: f"this kernel ({os.uname().release}) has no tcx attach types"}.get(code, "tcx attach failed"))
 
