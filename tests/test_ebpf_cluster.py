@@ -89,6 +89,31 @@ def drop_counters(place) -> dict:
     neigh = place.run(["ip", "-4", "neigh", "show", "nud", "failed"], timeout=10).stdout.strip()
     if neigh:
         found["neigh_failed"] = neigh
+    # Drops no SNMP counter sees: unresolved neighbours, conntrack, device queues.
+    for table, columns in (("arp_cache", ("unresolved_discards", "table_fulls")),
+                           ("nf_conntrack", ("invalid", "insert_failed", "drop", "early_drop"))):
+        text = place.run(["cat", f"/proc/net/stat/{table}"], timeout=10).stdout.split("\n")
+        if len(text) > 1:
+            head = text[0].split()
+            for col in columns:
+                if col in head:
+                    i = head.index(col)
+                    total = sum(int(row.split()[i], 16) for row in text[1:] if len(row.split()) > i)
+                    if total:
+                        found[f"{table}.{col}"] = total
+    links = place.run(["ip", "-s", "-j", "link", "show"], timeout=10).stdout
+    try:
+        for link in json.loads(links):
+            stats = link.get("stats64", {})
+            for way in ("rx", "tx"):
+                if stats.get(way, {}).get("dropped"):
+                    found[f"{link['ifname']}.{way}_dropped"] = stats[way]["dropped"]
+    except ValueError:
+        pass
+    with open("/proc/net/softnet_stat") as f:  # machine-wide, per CPU
+        backlog = sum(int(row.split()[1], 16) for row in f if row.strip())
+    if backlog:
+        found["softnet_dropped"] = backlog
     return found
 
 
