@@ -49,7 +49,9 @@ def _hyperfine(cmds: Dict[str, List[str]], runs: int, env: dict) -> Dict[str, Li
 
 ENABLE_PATH = ("import meshintercept.cli, meshintercept.manager; from meshintercept import registry; "
                "registry.load('iptables'); registry.load('ebpf'); "
-               "from meshintercept.backends import iptables_table; iptables_table.load_iptc(); import pyroute2")
+               "from meshintercept.backends import iptables_table; iptables_table.load_iptc(); "
+               # what ebpf enable imports (pyroute2 no more: tc goes over raw rtnetlink)
+               "from meshintercept.backends.ebpf import interceptor, maps, pins, tc, tcnl")
 
 
 def import_profile(code: str = "import meshintercept.cli", top: int = 12, depth: int = 2) -> List[Dict]:

@@ -431,6 +431,7 @@ def machine_lines(meta: Dict) -> List[str]:
         f"| kernel | {meta.get('kernel')} ({meta.get('os')}) |",
         f"| software | {meta.get('software')} |",
         f"| commit | {meta.get('commit')} |",
+        *[f"| {part} | {text} |" for part, text in (meta.get("parts") or {}).items()],
         f"| load average (1 min) | before {load.get('before')}, after data path {load.get('after_datapath', '–')}, "
         f"after {load.get('after')} (other engineers' test runs share these 2 cores) |",
         "",
