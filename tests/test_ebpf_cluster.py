@@ -7,6 +7,7 @@ Every pod runs test servers on 8080/9090 and the project's sidecar as the proxy 
 import collections
 import json
 import os
+import re
 import time
 
 import pytest
@@ -85,7 +86,8 @@ def drop_counters(place) -> dict:
         values = json.loads(out.stdout)["kernel"]
     except (ValueError, KeyError):
         return {"nstat": out.stderr.strip() or out.stdout[:200]}
-    found = {k: values[k] for k in DROP_COUNTERS if values.get(k)}
+    found = {k: v for k, v in values.items()
+             if v and (k in DROP_COUNTERS or re.search(r"Fail|Drop|Discard|Spurious|Overflow|Err|Forw", k))}
     neigh = place.run(["ip", "-4", "neigh", "show", "nud", "failed"], timeout=10).stdout.strip()
     if neigh:
         found["neigh_failed"] = neigh
@@ -223,7 +225,12 @@ def test_per_connection_maps_do_not_grow_after_10000_connections(world):
         # Where did the lost SYNs die? Printed so a rare occurrence leaves evidence behind.
         print("hygiene: lost", 10000 - ok, [(r["ok"], r["failed"], r.get("errors")) for r in results],
               {place.name: drop_counters(place) for place in (*cluster.nodes, client, remote)},
-              "remote counters", counters(remote))
+              "remote counters", counters(remote),
+              "failed sidecar entries (sample)", [
+                  {k: e.get(k) for k in ("peer", "original_dst", "upstream", "upstream_local", "error", "ts")}
+                  for e in client.sidecar.connections() if e.get("error")][:5],
+              "neighbours", {place.name: place.run(["ip", "-4", "neigh"], timeout=10).stdout
+                             for place in (*cluster.nodes, client, remote)})
     for _ in range(2):
         if ok >= 10000:
             break
