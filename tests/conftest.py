@@ -55,11 +55,15 @@ def test_prefix() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def sweep_leftovers(test_prefix):
+    # test_cluster.py's sweep test owns "<prefix>-sw"; the demo test owns "mi-demo".
+    prefixes = (test_prefix, f"{test_prefix}-sw", "mi-demo")
     if IS_ROOT:
-        _sweep(test_prefix)
+        for prefix in prefixes:
+            _sweep(prefix)
     yield
     if IS_ROOT:
-        _sweep(test_prefix)
+        for prefix in prefixes:
+            _sweep(prefix)
 
 
 @pytest.fixture(scope="module")
