@@ -87,7 +87,7 @@ def drop_counters(place) -> dict:
     except (ValueError, KeyError):
         return {"nstat": out.stderr.strip() or out.stdout[:200]}
     found = {k: v for k, v in values.items()
-             if v and (k in DROP_COUNTERS or re.search(r"Fail|Drop|Discard|Spurious|Overflow|Err|Forw", k))}
+             if v and (k in DROP_COUNTERS or re.search(r"Fail|Drop|Discard|Spurious|Overflow|Err|Forw|InReceives|OutRequests|ActiveOpens", k))}
     neigh = place.run(["ip", "-4", "neigh", "show", "nud", "failed"], timeout=10).stdout.strip()
     if neigh:
         found["neigh_failed"] = neigh
@@ -112,6 +112,9 @@ def drop_counters(place) -> dict:
                     found[f"{link['ifname']}.{way}_dropped"] = stats[way]["dropped"]
     except ValueError:
         pass
+    for link in json.loads(links or "[]"):
+        if link.get("ifname") in ("br0", "eth0"):
+            found[f"{link['ifname']}.mac"] = link.get("address")
     with open("/proc/net/softnet_stat") as f:  # machine-wide, per CPU
         backlog = sum(int(row.split()[1], 16) for row in f if row.strip())
     if backlog:
