@@ -504,7 +504,10 @@ class TestCluster:
         n = index + 1
         sysctl(netns.path, {"net.ipv4.ip_forward": "1"})
         ip(netns=netns.name, batch=[
-            "link add br0 type bridge",
+            # A fixed MAC: a bridge without one takes the lowest MAC of its ports and changes it
+            # as pods come and go, while pods keep the old gateway MAC in their neighbour cache,
+            # so their frames stop reaching the node (lost SYNs under connection storms).
+            f"link add br0 address 02:00:0a:e7:{n:02x}:01 type bridge",
             f"addr add 10.231.{n}.1/24 dev br0",
             "link set br0 up",
         ])
@@ -519,7 +522,7 @@ class TestCluster:
             ip("link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", b.netns.name, netns=a.netns.name)
         else:
             self.underlay = self._new_netns("underlay").name
-            ip(netns=self.underlay, batch=["link add br0 type bridge", "link set br0 up"])
+            ip(netns=self.underlay, batch=["link add br0 address 02:00:0a:e7:00:01 type bridge", "link set br0 up"])
             for node in self.nodes:
                 port = f"n{node.index + 1}"
                 ip("link", "add", "ul0", "type", "veth", "peer", "name", port, "netns", self.underlay,
