@@ -21,6 +21,35 @@ from meshintercept.spec import InterceptSpec
 RECORD_VERSION = 1
 
 
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write a JSON file so a reader never sees half of it (temp file + rename)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_json_dir(directory: str, build) -> list:
+    """``build(data)`` for every ``*.json`` in a directory, sorted by name.
+
+    A torn or foreign file is skipped: one bad file must not break status, DEL or GC.
+    """
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(directory, name)) as f:
+                out.append(build(json.load(f)))
+        except (OSError, ValueError, TypeError):
+            continue
+    return out
+
+
 @dataclass
 class NamespaceRecord:
     key: str  # "dev:inode" of the namespace file
@@ -81,11 +110,7 @@ class StateStore:
 
     def put(self, record: NamespaceRecord) -> None:
         os.makedirs(self.ns_dir, exist_ok=True)
-        path = self._file(record.key)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(record.to_dict(), f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(self._file(record.key), record.to_dict())
 
     def delete(self, key: str) -> bool:
         try:
@@ -95,20 +120,7 @@ class StateStore:
             return False
 
     def all(self) -> list:
-        try:
-            names = sorted(os.listdir(self.ns_dir))
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            if not name.endswith(".json"):
-                continue
-            try:
-                with open(os.path.join(self.ns_dir, name)) as f:
-                    out.append(NamespaceRecord.from_dict(json.load(f)))
-            except (OSError, ValueError, TypeError):
-                continue  # a torn or foreign file must not break status
-        return out
+        return load_json_dir(self.ns_dir, NamespaceRecord.from_dict)
 
     def remove_all(self) -> None:
         for rec in self.all():

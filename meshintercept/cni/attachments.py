@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, List, Optional
 
+from meshintercept.state import load_json_dir, write_json_atomic
+
 
 @dataclass
 class Attachment:
@@ -75,31 +77,14 @@ class AttachmentIndex:
 
     def put(self, att: Attachment) -> None:
         os.makedirs(self.att_dir, exist_ok=True)
-        path = self._file(*att.ident)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(asdict(att), f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(self._file(*att.ident), asdict(att))
 
     def delete(self, att: Attachment) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._file(*att.ident))
 
     def all(self) -> List[Attachment]:
-        try:
-            names = sorted(os.listdir(self.att_dir))
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            if not name.endswith(".json"):
-                continue
-            try:
-                with open(os.path.join(self.att_dir, name)) as f:
-                    out.append(Attachment(**json.load(f)))
-            except (OSError, ValueError, TypeError):
-                continue  # a torn or foreign file must not break DEL or GC
-        return out
+        return load_json_dir(self.att_dir, lambda data: Attachment(**data))
 
     def for_namespace(self, netns_key: str) -> List[Attachment]:
         return [a for a in self.all() if a.netns_key == netns_key]
