@@ -276,6 +276,16 @@ def demo(mode, keep):
     run_demo(mode, keep=keep, echo=click.echo)
 
 
+def permission_advice(exc: PermissionError) -> str:
+    """One sentence for a refused file operation; "run as root" only helps when we are not root."""
+    what = f"{exc.strerror or exc} ({exc.filename})" if exc.filename else f"{exc.strerror or exc}"
+    if os.geteuid() != 0:
+        return f"{what}; run meshintercept as root."
+    return (f"{what} although meshintercept runs as root; a process it started as another user cannot "
+            "reach that path (check the permissions of its parent directories), or a security module or "
+            "read-only mount refuses it.")
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     traceback = "--traceback" in argv or os.environ.get(_env("traceback"), "") not in ("", "0", "false")
@@ -301,7 +311,7 @@ def main(argv=None) -> None:
     except PermissionError as exc:
         if traceback:
             raise
-        click.echo(f"meshintercept: error: {exc.strerror or exc} ({exc.filename or ''}); run meshintercept as root.", err=True)
+        click.echo(f"meshintercept: error: {permission_advice(exc)}", err=True)
         sys.exit(int(ExitStatus.NOT_PERMITTED))
     except Exception as exc:  # a bug: say so in one line, keep the traceback one flag away
         if traceback:

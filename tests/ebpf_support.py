@@ -27,6 +27,7 @@ import pytest
 
 from meshintercept.netns import Netns, setns
 from meshintercept.node import Node, default_cgroup
+from meshintercept.testing.cluster import BASE_PYTHON
 
 PREFIX = "mi-e"
 PROXY_UID = 1500
@@ -158,16 +159,16 @@ class Pod:
             "    buf+=d\n"
             "sys.stdout.write(buf.decode())\n"
         )
-        return self.run([sys.executable, "-c", code], uid=uid, cgroup=cgroup).decode()
+        return self.run([BASE_PYTHON, "-c", code], uid=uid, cgroup=cgroup).decode()
 
     def start_server(self, port: int, name: Optional[str] = None) -> subprocess.Popen:
-        return self.topo.track(self.spawn([sys.executable, "-c", SERVER, name or self.name, str(port)], uid=APP_UID))
+        return self.topo.track(self.spawn([BASE_PYTHON, "-c", SERVER, name or self.name, str(port)], uid=APP_UID))
 
     def start_sidecar(self, out_port: int = 15001, in_port: int = 15003) -> str:
         log = os.path.join(self.topo.tmp, f"sidecar-{self.name}.log")
         open(log, "w").close()
         os.chmod(log, 0o666)
-        self.topo.track(self.spawn([sys.executable, "-c", SIDECAR, str(out_port), str(in_port), log], uid=PROXY_UID))
+        self.topo.track(self.spawn([BASE_PYTHON, "-c", SIDECAR, str(out_port), str(in_port), log], uid=PROXY_UID))
         self.topo.wait_listening(self, in_port)
         self.topo.wait_listening(self, out_port)
         return log

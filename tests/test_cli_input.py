@@ -111,8 +111,11 @@ def test_not_root_is_refused(node_env, netns_name):
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is needed to drop root for this test")
     env = dict(node_env)
+    # CAP_DAC_READ_SEARCH only lets nobody reach the env wherever the clone is (/root is 0700);
+    # it grants nothing the tool checks for, and euid stays 65534.
     proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", EXE,
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+dac_read_search",
+         "--ambient-caps=+dac_read_search", EXE,
          "enable", "--mode", "iptables", "--netns", netns_name],
         env=env, capture_output=True, text=True, timeout=60)
     assert_one_sentence(proc, ExitStatus.NOT_PERMITTED, "needs root")

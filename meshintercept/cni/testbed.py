@@ -130,8 +130,8 @@ class CniTestbed:
 
     def start_node_server(self, port: int = 8080):
         """A test server in the node namespace on the bridge address (the pods' gateway)."""
-        argv = [sys.executable, "-m", "meshintercept.testing.apps", "serve", "--name", "node",
-                "--port", str(port), "--bind", self.gateway]
+        argv = self.cluster.unprivileged_argv("apps", "serve", "--name", "node", "--port", str(port),
+                                              "--bind", self.gateway)
         proc = self.node.spawn(argv, uid=1000, stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
         self.node.wait_listening(proc, [port])
         return proc

@@ -60,6 +60,8 @@ BPFFS_ROOT = "/sys/fs/bpf"
 CLUSTER_CIDR = ipaddress.ip_network("10.231.0.0/16")
 #: UID of test apps and clients: an ordinary user, never the proxy UID.
 APP_UID = 1000
+#: The interpreter a venv was made from: executable by every UID, unlike a venv under /root.
+BASE_PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 MAX_NODES = 9
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
@@ -345,10 +347,7 @@ class Pod(_Place):
 
     # --- apps ---------------------------------------------------------------------------
     def _apps(self, *args: str) -> List[str]:
-        # apps.py is stdlib only: run it by path without site-packages, which starts faster.
-        from meshintercept.testing import apps
-
-        return [sys.executable, "-S", "-E", apps.__file__, *args]
+        return self.cluster.unprivileged_argv("apps", *args)
 
     def start_server(self, port: Union[int, Sequence[int]], reply: Optional[str] = None, mode: str = "hello",
                      uid: int = APP_UID, bind: str = "0.0.0.0", timeout: float = 10.0) -> Server:
@@ -455,6 +454,7 @@ class TestCluster:
         self.workdir = tempfile.mkdtemp(prefix=f"{self.id}-")
         os.chmod(self.workdir, 0o755)  # sidecars and apps run as other UIDs
         self._objects.dirs.append(self.workdir)
+        self._stage_unprivileged()
         try:
             self._save_registry()
             for index in range(nodes):
@@ -463,6 +463,31 @@ class TestCluster:
         except BaseException:
             self.close()
             raise
+
+    # --- programs that run as ordinary UIDs -----------------------------------------------
+    def _stage_unprivileged(self) -> None:
+        """Copy the stdlib-only programs pods run as ordinary UIDs into the world-readable workdir.
+
+        The clone (and the venv or tox env inside it) may sit where only root can look, such as
+        /root (mode 0700); an app or sidecar running as UID 1000 or 1500 could then execute
+        neither the env's python nor our modules. The base interpreter and these copies it can.
+        """
+        from meshintercept import sidecar
+        from meshintercept.testing import apps
+
+        bin_dir = os.path.join(self.workdir, "bin")
+        os.mkdir(bin_dir, 0o755)
+        self._scripts = {}
+        for name, module in (("apps", apps), ("sidecar", sidecar)):
+            path = os.path.join(bin_dir, f"{name}.py")
+            shutil.copyfile(module.__file__, path)
+            os.chmod(path, 0o644)
+            self._scripts[name] = path
+
+    def unprivileged_argv(self, program: str, *args: str) -> List[str]:
+        """argv that runs `program` ("apps" or "sidecar") as any UID, wherever the clone lives."""
+        # -S -E: stdlib only, so no site-packages to import (faster, and nothing under the clone).
+        return [BASE_PYTHON, "-S", "-E", self._scripts[program], *args]
 
     # --- registry (for sweep) -------------------------------------------------------------
     def _save_registry(self) -> None:

@@ -204,8 +204,9 @@ def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpe
     config_path = None
     with open(stderr_path, "wb") as err:
         if kind == "project":
-            argv = [sys.executable, "-m", "meshintercept.sidecar", "--outbound-port", str(spec.outbound_port),
-                    "--inbound-port", str(spec.inbound_port), "--inbound-target", inbound_target, "--log", log_path]
+            argv = pod.cluster.unprivileged_argv(
+                "sidecar", "--outbound-port", str(spec.outbound_port), "--inbound-port", str(spec.inbound_port),
+                "--inbound-target", inbound_target, "--log", log_path)
             for vip, backends in (routes or {}).items():
                 argv += ["--route", f"{vip}={','.join(backends)}"]
             # Opened here so the file exists (and is ours) before the sidecar drops to the proxy UID.
