@@ -145,8 +145,49 @@ def load_iptc():
             "(apt-get install iptables) or set XTABLES_LIBDIR to the directory holding libxt_*.so."
         ) from None
     _only_existing_tables(iptc)
+    _option_entries_of_this_libxtables(iptc)
     _iptc = iptc
     return iptc
+
+
+def _option_entries_of_this_libxtables(iptc) -> None:
+    """Workaround for python-iptables 1.0.1 on iptables 1.8.10 and later (its open issue #353).
+
+    iptables 1.8.10 added a ``base`` field to ``struct xt_option_entry`` without changing the
+    library's soname; python-iptables still walks option tables with the old 48-byte stride, so
+    it finds only the first option of an extension (``multiport --source-ports``, never
+    ``--dports``) and reads garbage past it. Debian 13 ships 1.8.11. Walk them with the stride of
+    the library actually loaded; the C parser gets a pointer into the real table, as before.
+    """
+    import ctypes as ct
+
+    xt = iptc.xtables
+    # The same change added xtables_strtoul_base(); its presence tells the layout.
+    if not hasattr(xt._lib_xtables, "xtables_strtoul_base"):
+        return
+
+    class OptionEntry(ct.Structure):
+        _fields_ = list(xt.xt_option_entry._fields_) + [("base", ct.c_uint)]
+
+    def entries(table):
+        array = ct.cast(table, ct.POINTER(OptionEntry))
+        i = 0
+        while array[i].name:
+            yield ct.cast(ct.addressof(array[i]), ct.POINTER(xt.xt_option_entry)).contents
+            i += 1
+
+    def option_lookup(self, table, name):
+        return next((e for e in entries(table) if e.name == name), None)
+
+    original_fcheck = xt.xtables._options_fcheck
+
+    def options_fcheck(self, name, xflags, table):
+        # The original stops at the first entry whose name is None: hand it a correctly read copy.
+        copied = (xt.xt_option_entry * (len(list(entries(table))) + 1))(*entries(table))
+        return original_fcheck(self, name, xflags, copied)
+
+    xt.xtables._option_lookup = option_lookup
+    xt.xtables._options_fcheck = options_fcheck
 
 
 def _only_existing_tables(iptc) -> None:
