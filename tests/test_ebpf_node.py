@@ -20,6 +20,7 @@ from meshintercept import bpfsys, kheaders
 from meshintercept.errors import Conflict, EnvironmentMissing, UsageError
 from meshintercept.manager import Manager
 from meshintercept.spec import InterceptSpec
+from meshintercept.testing.cluster import BASE_PYTHON
 
 from meshintercept.backends.ebpf import maps as ebpf_maps
 from meshintercept.backends.ebpf import trace as ebpf_trace
@@ -111,8 +112,8 @@ def test_getsockopt_passes_other_options_and_unknown_connections_untouched(topo)
         "print(json.dumps(r))\n"
     )
     Manager(topo.node).enable(a.name, "ebpf", InterceptSpec.build(exclude_outbound_ports=[8080]))
-    inside = json.loads(a.run([sys.executable, "-c", code]))
-    plain = json.loads(b.run([sys.executable, "-c", code.replace(b.ip, "127.0.0.1")]))
+    inside = json.loads(a.run([BASE_PYTHON, "-c", code]))
+    plain = json.loads(b.run([BASE_PYTHON, "-c", code.replace(b.ip, "127.0.0.1")]))
     assert inside["rcvbuf"] == plain["rcvbuf"] > 0
     # the kernel's own answer (no conntrack entry) stands, exactly as without us
     assert inside["origdst"] in (errno.ENOENT, errno.ENOPROTOOPT) and inside["origdst"] == plain["origdst"]

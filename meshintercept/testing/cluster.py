@@ -263,6 +263,7 @@ class _Place:
               gid: Optional[int] = None, nofile: Optional[int] = 65536, **popen_kw) -> subprocess.Popen:
         """Start a process here: cgroup first, then setns, then (optionally) setuid; tracked and killed at close."""
         popen_kw.setdefault("start_new_session", True)
+        popen_kw.setdefault("cwd", self.cluster.workdir)  # reachable by every UID, unlike a clone in /root
         if env is not None:
             popen_kw["env"] = env
         proc = subprocess.Popen(list(argv), preexec_fn=_preexec(self.cgroup_path, self.netns.path, uid, gid, nofile),
@@ -280,6 +281,7 @@ class _Place:
         if env is not None:
             popen_kw["env"] = env
         popen_kw.setdefault("start_new_session", True)
+        popen_kw.setdefault("cwd", self.cluster.workdir)
         return subprocess.run(list(argv), preexec_fn=_preexec(self.cgroup_path, self.netns.path, uid, gid, 65536),
                               timeout=timeout, check=check, **popen_kw)
 
