@@ -35,8 +35,6 @@ IPT_INV_VIA_IN, IPT_INV_VIA_OUT = 0x01, 0x02
 IPT_INV_SRCIP, IPT_INV_DSTIP = 0x08, 0x10
 IPT_INV_FRAG, IPT_INV_PROTO = 0x20, 0x40
 IPT_F_FRAG = 0x01
-#: Names iptables-save prints for protocol numbers (its own table, before /etc/protocols).
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 50: "esp", 51: "ah", 132: "sctp", 136: "udplite"}
 
 _iptc = None
 
@@ -361,18 +359,56 @@ def _render_addr(letter: str, text: str) -> Optional[str]:
 
 
 def _proto_name(number: int) -> str:
-    """iptables' own names first, then /etc/protocols (getprotobynumber), else the number."""
-    if number in PROTO_NAMES:
-        return PROTO_NAMES[number]
-    try:
-        with open("/etc/protocols") as f:
-            for line in f:
-                fields = line.split("#", 1)[0].split()
-                if len(fields) >= 2 and fields[1] == str(number):
-                    return fields[0]
-    except OSError:
-        pass
-    return str(number)
+    """The name iptables-save prints for a protocol number, as the loaded libxtables decides it.
+
+    Up to iptables 1.8.9, /etc/protocols first, then the library's own table; later releases
+    print only names from their own (longer) table and numbers otherwise (1.8.11: ``-p 47``
+    where 1.8.9 printed ``-p gre``). The longer table is how the two are told apart.
+    """
+    builtin = _builtin_protocols()
+    if "dccp" not in builtin.values():
+        try:
+            return _etc_protocols()[number]
+        except KeyError:
+            pass
+    return builtin.get(number, str(number))
+
+
+_PROTOCOLS: dict = {}
+
+
+def _builtin_protocols() -> dict:
+    """libxtables' ``xtables_chain_protos``: number -> the first name it lists for it."""
+    if "builtin" not in _PROTOCOLS:
+        import ctypes as ct
+
+        class Proto(ct.Structure):
+            _fields_ = [("name", ct.c_char_p), ("num", ct.c_uint8)]
+
+        names: dict = {}
+        lib = load_iptc().xtables._lib_xtables
+        table = ct.cast(ct.addressof(Proto.in_dll(lib, "xtables_chain_protos")), ct.POINTER(Proto))
+        i = 0
+        while table[i].name:
+            names.setdefault(table[i].num, table[i].name.decode())
+            i += 1
+        _PROTOCOLS["builtin"] = names
+    return _PROTOCOLS["builtin"]
+
+
+def _etc_protocols() -> dict:
+    if "etc" not in _PROTOCOLS:
+        names: dict = {}
+        try:
+            with open("/etc/protocols") as f:
+                for line in f:
+                    fields = line.split("#", 1)[0].split()
+                    if len(fields) >= 2 and fields[1].isdigit():
+                        names.setdefault(int(fields[1]), fields[0])
+        except OSError:
+            pass
+        _PROTOCOLS["etc"] = names
+    return _PROTOCOLS["etc"]
 
 
 # --- writing -------------------------------------------------------------------------------
