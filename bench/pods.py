@@ -1,6 +1,6 @@
 """Where the benchmarks run: the project's test cluster, seen through a thin adapter.
 
-``meshintercept.testing.cluster.TestCluster`` builds nodes (a namespace with a bridge, a child
+``meshintercept.lab.cluster.TestCluster`` builds nodes (a namespace with a bridge, a child
 cgroup, a pin dir, a state dir) and pods (a namespace with eth0 on the node's bridge,
 10.231.<node>.<k>/24); two nodes are joined by a veth underlay, so cross-node traffic really
 crosses one. This module adds what only benchmarks need: a pod work dir for config files,
@@ -20,7 +20,7 @@ import signal
 import subprocess
 from typing import List, Optional
 
-from meshintercept.testing import cluster as tc
+from meshintercept.lab import cluster as tc
 
 PREFIX = "mi-b"
 

@@ -40,7 +40,7 @@ def _nonzero(counters: dict) -> str:
 def run_demo(mode: str, keep: bool = False, echo: Callable[[str], None] = print) -> list:
     from meshintercept import registry
     from meshintercept.manager import require_root
-    from meshintercept.testing.cluster import TestCluster
+    from meshintercept.lab.cluster import TestCluster
 
     registry.require(mode)
     require_root("the demo")

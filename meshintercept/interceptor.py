@@ -15,7 +15,7 @@ Contract every backend keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, List, Optional
 
 from meshintercept.netns import Netns

@@ -11,7 +11,7 @@ import time
 from typing import Dict, List, Optional
 
 from meshintercept import registry
-from meshintercept.errors import Conflict, MeshInterceptError, NamespaceNotFound, NotPermitted, UsageError
+from meshintercept.errors import Conflict, MeshInterceptError, NamespaceNotFound, NotPermitted
 from meshintercept.interceptor import Check, Interceptor
 from meshintercept.netns import Netns
 from meshintercept.node import Node

@@ -6,7 +6,6 @@ imports a backend module by name. A plugin that fails to import is skipped and r
 
 from __future__ import annotations
 
-import sys
 from typing import Dict, Type
 
 from meshintercept.errors import ModeUnavailable, UsageError

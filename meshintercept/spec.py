@@ -6,7 +6,7 @@ Defaults are osm / osm-edge's: proxy UID 1500, outbound port 15001, inbound port
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Iterable, Tuple
 
 from meshintercept.errors import UsageError

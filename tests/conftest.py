@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 
-from meshintercept.testing import cluster as test_cluster
+from meshintercept.lab import cluster as test_cluster
 
 IS_ROOT = os.geteuid() == 0
 

@@ -27,7 +27,7 @@ import pytest
 
 from meshintercept.netns import Netns, setns
 from meshintercept.node import Node, default_cgroup
-from meshintercept.testing.cluster import BASE_PYTHON
+from meshintercept.lab.cluster import BASE_PYTHON
 
 PREFIX = "mi-e"
 PROXY_UID = 1500

@@ -19,10 +19,10 @@ import time
 import pytest
 
 from meshintercept.spec import InterceptSpec
-from meshintercept.testing.cluster import (
+from meshintercept.lab.cluster import (
     BPFFS_ROOT, REGISTRY_DIR, ConnectFailed, TestCluster, ip, sweep,
 )
-from meshintercept.testing.sidecars import haproxy_config
+from meshintercept.lab.sidecars import haproxy_config
 
 pytestmark = pytest.mark.root
 
@@ -316,7 +316,7 @@ def test_close_leaves_nothing_behind(make_cluster):
 
 
 def test_a_failed_build_cleans_up_after_itself(test_prefix, monkeypatch):
-    import meshintercept.testing.cluster as mod
+    import meshintercept.lab.cluster as mod
 
     real = mod.TestCluster._link_nodes
     seen = {}
@@ -334,7 +334,7 @@ def test_a_failed_build_cleans_up_after_itself(test_prefix, monkeypatch):
 
 SURVIVOR = """
 import sys, time
-from meshintercept.testing.cluster import TestCluster
+from meshintercept.lab.cluster import TestCluster
 c = TestCluster(nodes=2, prefix=sys.argv[1])
 pod = c.add_pod(0, "x")
 server = pod.start_server(8080)
@@ -362,6 +362,6 @@ def test_sweep_removes_leftovers_of_a_killed_run_only(test_prefix):
     while os.path.exists(f"/proc/{server_pid}") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not os.path.exists(f"/proc/{server_pid}")
-    cli = subprocess.run([sys.executable, "-m", "meshintercept.testing.cluster", "sweep", "--prefix", prefix],
+    cli = subprocess.run([sys.executable, "-m", "meshintercept.lab.cluster", "sweep", "--prefix", prefix],
                          capture_output=True, text=True)
     assert cli.returncode == 0 and "nothing to sweep" in cli.stdout

@@ -3,7 +3,7 @@
 Every plugin is exec'd the way a container runtime does it (`meshintercept.cni.runtime`:
 CNI_* environment, config with prevResult on stdin, DEL in reverse order), from inside a
 node namespace of the test cluster, against pod namespaces the test made. The node's CNI
-config was written by `cni install` (`meshintercept.cni.testbed`), and the executable the
+config was written by `cni install` (`meshintercept.lab.cni_testbed`), and the executable the
 runtime finds is the shim it installed.
 """
 
@@ -18,11 +18,11 @@ import pytest
 from meshintercept import registry
 from meshintercept.cni.attachments import AttachmentIndex
 from meshintercept.cni.runtime import PluginFailed
-from meshintercept.cni.testbed import CniTestbed, bridge_conflist
+from meshintercept.lab.cni_testbed import CniTestbed, bridge_conflist
 from meshintercept.errors import MeshInterceptError
 from meshintercept.manager import Manager
 from meshintercept.spec import InterceptSpec
-from meshintercept.testing.cluster import TestCluster
+from meshintercept.lab.cluster import TestCluster
 
 pytestmark = pytest.mark.root
 

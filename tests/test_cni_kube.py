@@ -25,10 +25,10 @@ import pytest
 from meshintercept.cni import kube
 from meshintercept.cni.config import Selection
 from meshintercept.cni.runtime import PluginFailed
-from meshintercept.cni.testbed import CniTestbed
+from meshintercept.lab.cni_testbed import CniTestbed
 from meshintercept.manager import Manager
 from meshintercept.netns import Netns
-from meshintercept.testing.cluster import TestCluster
+from meshintercept.lab.cluster import TestCluster
 
 TOKEN = "stand-in-token"
 KEY = "meshintercept.io/intercept"

@@ -17,7 +17,7 @@ from meshintercept.cni import protocol
 from meshintercept.cni.attachments import AttachmentIndex
 from meshintercept.manager import Manager
 from meshintercept.node import Node
-from meshintercept.testing.cluster import TestCluster
+from meshintercept.lab.cluster import TestCluster
 
 PLUGIN = os.path.join(os.path.dirname(sys.executable), "meshintercept-cni")
 

@@ -1,11 +1,11 @@
-"""The backend contract suite (meshintercept.testing.contract) for every backend x sidecar.
+"""The backend contract suite (meshintercept.lab.contract) for every backend x sidecar.
 
 A class whose mode cannot load or run here is skipped with the backend's own reason.
 """
 
 import pytest
 
-from meshintercept.testing.contract import BackendContract
+from meshintercept.lab.contract import BackendContract
 
 pytestmark = pytest.mark.root
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from meshintercept import bpfsys
+from meshintercept.backends.ebpf import bpfsys
 from meshintercept.spec import InterceptSpec
-from meshintercept.testing.cluster import TestCluster
+from meshintercept.lab.cluster import TestCluster
 
 from meshintercept.backends.ebpf import maps as ebpf_maps
 from meshintercept.backends.ebpf import tc as ebpf_tc

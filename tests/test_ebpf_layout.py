@@ -1,4 +1,4 @@
-"""bpf/common.h and meshintercept/bpf_types.py agree on every size and offset.
+"""bpf/common.h and backends/ebpf/types.py agree on every size and offset.
 
 A layout checker generated from the ctypes classes is compiled against common.h with
 clang for the BPF target (the layout the programs use) and run through the compiler's
@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from meshintercept import bpf_types as T
+from meshintercept.backends.ebpf import types as T
 
 BPF_DIR = os.path.dirname(importlib.import_module("meshintercept.bpf").__file__)
 
@@ -46,7 +46,7 @@ def clang() -> str:
 def test_bcc_compiles_the_same_checker_and_rejects_a_drift():
     """bcc's embedded clang, the compiler that builds the programs, agrees too (no clang needed)."""
     bcc = pytest.importorskip("bcc")
-    from meshintercept import kheaders
+    from meshintercept.backends.ebpf import kheaders
 
     kheaders.ensure()
     body = checker_source().split("\n", 2)[2]  # bcc's kernel headers already define the __u types

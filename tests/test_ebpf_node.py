@@ -15,12 +15,12 @@ import time
 
 import pytest
 
-from meshintercept import bpf_types as T
-from meshintercept import bpfsys, kheaders
+from meshintercept.backends.ebpf import types as T
+from meshintercept.backends.ebpf import bpfsys, kheaders
 from meshintercept.errors import Conflict, EnvironmentMissing, UsageError
 from meshintercept.manager import Manager
 from meshintercept.spec import InterceptSpec
-from meshintercept.testing.cluster import BASE_PYTHON
+from meshintercept.lab.cluster import BASE_PYTHON
 
 from meshintercept.backends.ebpf import maps as ebpf_maps
 from meshintercept.backends.ebpf import trace as ebpf_trace

@@ -15,10 +15,11 @@ import uuid
 
 import pytest
 
-from meshintercept.backends import iptables_probe as probe
-from meshintercept.backends import iptables_rules as model
-from meshintercept.backends import iptables_table as table
-from meshintercept.backends.iptables import IptablesInterceptor, namespace_conflicts
+from meshintercept.backends.iptables import iptc_compat as compat
+from meshintercept.backends.iptables import probe
+from meshintercept.backends.iptables import rules as model
+from meshintercept.backends.iptables import table
+from meshintercept.backends.iptables import IptablesInterceptor
 from meshintercept.errors import BackendFailure, Conflict, UsageError
 from meshintercept.manager import Manager
 from meshintercept.netns import Netns
@@ -297,7 +298,7 @@ def test_nft_rules_and_foreign_redirects_are_reported(backend, ns):
     assert live["nft_rules_present"] is True
     assert "-A PREROUTING -p tcp -m tcp --dport 9999 -j REDIRECT --to-ports 4143" in live["foreign_redirects"]
     assert any("ISTIO_REDIRECT" in f and "REDIRECT" in f for f in live["foreign_redirects"])
-    conflicts = namespace_conflicts(ns)
+    conflicts = probe.namespace_conflicts(ns)
     assert conflicts["nft_rules_present"] is True and len(conflicts["warnings"]) == 2
 
 
@@ -337,7 +338,7 @@ def test_doctor_tries_it_for_real_and_warns_about_managed_namespaces(backend, ns
 
 def test_unavailable_reason_names_the_fix(monkeypatch):
     assert IptablesInterceptor.unavailable_reason() is None
-    monkeypatch.setattr(table, "xtables_libdir", lambda: None)
+    monkeypatch.setattr(compat, "xtables_libdir", lambda: None)
     assert "install the iptables package" in IptablesInterceptor.unavailable_reason()
 
 

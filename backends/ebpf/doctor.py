@@ -12,9 +12,9 @@ import os
 import secrets
 import shutil
 import subprocess
-from typing import List, Optional
+from typing import List
 
-from meshintercept import bpfsys, kheaders
+from . import bpfsys, kheaders
 from meshintercept.interceptor import Check
 from meshintercept.node import Node
 

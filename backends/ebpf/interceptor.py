@@ -12,9 +12,9 @@ import ctypes
 import os
 from typing import List, Optional
 
-from meshintercept import bpf_types as T
-from meshintercept import bpfsys
-from meshintercept.errors import BackendFailure, Conflict, MeshInterceptError, UsageError
+from . import types as T
+from . import bpfsys
+from meshintercept.errors import UsageError
 from meshintercept.interceptor import Check, Interceptor
 from meshintercept.netns import Netns
 from meshintercept.spec import InterceptSpec
@@ -76,9 +76,8 @@ class EbpfInterceptor(Interceptor):
                                          prev_tc)
             if attached is None:
                 attached = tc.attach(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), prev_tc)
-            added_ips: List[str] = []
             try:
-                added_ips = nsmaps.set_pod_ips(pins, cookie, attached["pod_ips"], prev_ips)
+                nsmaps.set_pod_ips(pins, cookie, attached["pod_ips"], prev_ips)
                 nsmaps.ensure_counters(pins, cookie)
                 cfg = T.config_from_spec(spec, accelerate=accelerate)
                 bpfsys.map_update(pins.map("config"), T.u64(cookie), T.to_bytes(cfg))

@@ -15,13 +15,12 @@ import ctypes.util
 import errno
 import hashlib
 import os
-import re
 import struct
 import time
 from typing import List, Optional
 
-from meshintercept import bpf_types as T
-from meshintercept import bpfsys, kheaders
+from . import types as T
+from . import bpfsys, kheaders
 from meshintercept.errors import BackendFailure, EnvironmentMissing, NotPermitted
 from meshintercept.node import Node
 
@@ -102,7 +101,6 @@ def ensure_bpffs(pin_dir: str) -> None:
 
 
 def open_cgroup(path: str) -> int:
-    from meshintercept.node import is_cgroup2
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

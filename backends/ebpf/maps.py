@@ -8,11 +8,10 @@ records know the cookie.
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Dict, Iterable, List, Optional
 
-from meshintercept import bpf_types as T
-from meshintercept import bpfsys
+from . import types as T
+from . import bpfsys
 from meshintercept.errors import Conflict, UsageError
 from meshintercept.node import Node
 

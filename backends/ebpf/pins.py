@@ -19,8 +19,8 @@ import os
 import re
 from typing import Dict, List, Optional
 
-from meshintercept import bpf_types as T
-from meshintercept import bpfsys
+from . import types as T
+from . import bpfsys
 from meshintercept.errors import BackendFailure, Conflict
 
 LAYOUT_DIR = f"v{T.LAYOUT_VERSION}"

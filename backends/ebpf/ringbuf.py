@@ -13,7 +13,7 @@ import select
 import struct
 from typing import Callable, Optional
 
-from meshintercept import bpfsys
+from . import bpfsys
 
 BUSY = 1 << 31
 DISCARD = 1 << 30

@@ -26,7 +26,7 @@ import socket
 import struct
 from typing import Dict, List, Optional
 
-from meshintercept import bpfsys
+from . import bpfsys
 from meshintercept.errors import BackendFailure
 from meshintercept.netns import Netns
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional
 
-from meshintercept import bpf_types as T
+from . import types as T
 from meshintercept.errors import BackendFailure, EnvironmentMissing
 from meshintercept.node import Node
 

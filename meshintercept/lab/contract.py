@@ -36,7 +36,7 @@ import pytest
 from meshintercept import registry
 from meshintercept.errors import MeshInterceptError
 from meshintercept.spec import InterceptSpec
-from meshintercept.testing.cluster import Pod, Received, TestCluster
+from meshintercept.lab.cluster import Pod, Received, TestCluster
 
 APP_PORT = 8080
 OTHER_PORT = 9090

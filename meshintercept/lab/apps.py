@@ -1,7 +1,7 @@
 """Tiny TCP apps that run inside test pods: a server that says who it is, and clients.
 
 Stdlib only: these run as ordinary UIDs inside pod namespaces, started by
-`meshintercept.testing.cluster.Pod`.
+`meshintercept.lab.cluster.Pod`.
 
 Server protocol (mode ``hello``, the default), one connection:
   1. the server sends a greeting at once: one JSON line naming the pod, the local port and
@@ -258,7 +258,7 @@ def transfer(host: str, port: int, up: int, down: int, timeout: float) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meshintercept.testing.apps")
+    p = argparse.ArgumentParser(prog="python -m meshintercept.lab.apps")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, action="append", required=True)

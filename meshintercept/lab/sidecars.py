@@ -22,14 +22,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from meshintercept.spec import InterceptSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from meshintercept.testing.cluster import Pod
+    from meshintercept.lab.cluster import Pod
 
 KINDS = ("project", "haproxy")
 Routes = Dict[str, Sequence[str]]  # {"10.231.200.1:8080": ["10.231.1.3:8080", ...]}

@@ -10,7 +10,7 @@ The node's CNI setup is made the way an operator would: a conf dir holding a bri
 host-local conflist, then `install.install` appends our plugin and writes the executable
 shim into a bin dir. The chain is read back from that conflist and run by `ChainRuntime`
 from inside the node's namespace, so the bridge the reference plugin creates lives there.
-Pods are `meshintercept.testing.cluster.Pod` objects, so sidecars, servers and clients of
+Pods are `meshintercept.lab.cluster.Pod` objects, so sidecars, servers and clients of
 the cluster harness work in them.
 """
 
@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 from meshintercept.cni import install
 from meshintercept.cni.runtime import ChainRuntime
 from meshintercept.netns import Netns
-from meshintercept.testing.cluster import ClusterNode, Pod, TestCluster
+from meshintercept.lab.cluster import ClusterNode, Pod, TestCluster
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 DEFAULT_SUBNET = "10.231.150.0/24"

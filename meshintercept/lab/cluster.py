@@ -25,7 +25,7 @@ to the machine's root namespace, so no packet can leave the cluster):
 /run/meshintercept-testing names the owner process, so `sweep` removes leftovers of dead
 runs without touching a live cluster of another process with the same prefix.
 
-    python -m meshintercept.testing.cluster sweep [--prefix mi-t] [--force]
+    python -m meshintercept.lab.cluster sweep [--prefix mi-t] [--force]
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class Transfer:
 
 
 class Server:
-    """A test server process (`meshintercept.testing.apps serve`) in a pod."""
+    """A test server process (`meshintercept.lab.apps serve`) in a pod."""
 
     def __init__(self, pod: "Pod", ports: Sequence[int], process: subprocess.Popen, mode: str):
         self.pod = pod
@@ -353,7 +353,7 @@ class Pod(_Place):
 
     def start_server(self, port: Union[int, Sequence[int]], reply: Optional[str] = None, mode: str = "hello",
                      uid: int = APP_UID, bind: str = "0.0.0.0", timeout: float = 10.0) -> Server:
-        """A test server on one or more ports, as an ordinary UID; see `meshintercept.testing.apps`."""
+        """A test server on one or more ports, as an ordinary UID; see `meshintercept.lab.apps`."""
         ports = [port] if isinstance(port, int) else list(port)
         argv = self._apps("serve", "--name", self.name, "--mode", mode, "--bind", bind)
         for p in ports:
@@ -404,7 +404,7 @@ class Pod(_Place):
     def start_sidecar(self, kind: str = "project", spec: Optional[InterceptSpec] = None, routes=None,
                       inbound_target: str = "127.0.0.1", timeout: float = 10.0):
         """Start a transparent sidecar ("project" or "haproxy") as spec.proxy_uid; waits until it listens."""
-        from meshintercept.testing.sidecars import start_sidecar
+        from meshintercept.lab.sidecars import start_sidecar
 
         sidecar = start_sidecar(self, kind, spec, routes, inbound_target, timeout)
         self.sidecars.append(sidecar)
@@ -475,7 +475,7 @@ class TestCluster:
         neither the env's python nor our modules. The base interpreter and these copies it can.
         """
         from meshintercept import sidecar
-        from meshintercept.testing import apps
+        from meshintercept.lab import apps
 
         bin_dir = os.path.join(self.workdir, "bin")
         os.mkdir(bin_dir, 0o755)
@@ -827,7 +827,7 @@ def sweep(prefix: Optional[str] = None, force: bool = False) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meshintercept.testing.cluster",
+    p = argparse.ArgumentParser(prog="python -m meshintercept.lab.cluster",
                                 description="Test cluster tooling.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sweep", help="remove leftovers (namespaces, cgroups, pins, state, processes) of a prefix")

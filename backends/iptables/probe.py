@@ -21,8 +21,8 @@ import struct
 import subprocess
 from typing import List, Optional
 
-from meshintercept.backends import iptables_rules as model
-from meshintercept.backends import iptables_table as table
+from meshintercept.backends.iptables import rules as model
+from meshintercept.backends.iptables import table
 from meshintercept.netns import Netns, run_forked
 
 SOL_IP = 0

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from meshintercept.backends import iptables_probe as probe
-from meshintercept.backends import iptables_rules as model
-from meshintercept.backends import iptables_table as table
+from meshintercept.backends.iptables import iptc_compat as compat
+from meshintercept.backends.iptables import probe
+from meshintercept.backends.iptables import rules as model
+from meshintercept.backends.iptables import table
 from meshintercept.errors import MeshInterceptError, UsageError
 from meshintercept.interceptor import Check, Interceptor
 from meshintercept.netns import Netns
@@ -37,7 +38,7 @@ class IptablesInterceptor(Interceptor):
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
-        return table.missing_reason()
+        return compat.missing_reason()
 
     # --- enable / disable --------------------------------------------------------------------
     def enable(self, netns: Netns, spec: InterceptSpec, previous: Optional[NamespaceRecord] = None) -> dict:
@@ -110,13 +111,13 @@ class IptablesInterceptor(Interceptor):
         reason = self.unavailable_reason()
         if reason is None:
             try:
-                table.load_iptc()
+                compat.load()
             except MeshInterceptError as exc:
                 reason = exc.message
         checks.append(Check(
             "python-iptables importable", reason is None,
             detail=reason or f"XTABLES_LIBDIR={os.environ.get('XTABLES_LIBDIR', '?')}",
-            fix="" if reason is None else "pip install python-iptables; apt-get install iptables",
+            fix="" if reason is None else "apt-get install python3-iptables iptables",
         ))
         if reason is None:
             checks.append(self._self_test_check())
@@ -165,15 +166,10 @@ class IptablesInterceptor(Interceptor):
         return checks
 
 
-def namespace_conflicts(netns: Netns) -> dict:
-    """For the lead's status/doctor: nft rules and other redirect rules in one namespace."""
-    return probe.namespace_conflicts(netns)
-
-
 def _preload() -> None:
     """Import python-iptables here, once, so each forked namespace helper inherits it
     instead of paying the import (about 0.1 s) again."""
-    table.load_iptc()
+    compat.load()
 
 
 def _variant_check() -> Check:
