@@ -12,6 +12,8 @@ import socket
 import subprocess
 import time
 
+from meshintercept.lab import sidecars as lab_sidecars
+
 PROXY_UID = 1500
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15003
@@ -88,56 +90,11 @@ http {{
 
 
 def haproxy_config(pod, explicit_targets: dict | None = None) -> str:
-    """A transparent L4 sidecar: outbound to the original destination, inbound to the local app.
-
-    ``server s 0.0.0.0`` takes address and port from the accepted socket's original destination
-    (HAProxy asks getsockopt(SO_ORIGINAL_DST), answered by conntrack or by our getsockopt program);
-    ``server s 127.0.0.1`` keeps the original port and sends it to the app on loopback.
-    Without an original destination (a connection that was not redirected) HAProxy would
-    connect to itself in a loop; the reject rules stop that.
-    TCP mode keeps one upstream connection per client connection, so a new connection per
-    request really is a new connection on every hop. ``explicit_targets`` maps a local port
-    to a peer sidecar's address for the explicit mode.
-    """
-    explicit = "".join(f"""
-frontend explicit_out_{port}
-    bind 127.0.0.1:{port}
-    default_backend explicit_peer_{port}
-backend explicit_peer_{port}
-    server s {ip}:{EXPLICIT_IN}
-""" for port, ip in sorted((explicit_targets or {}).items()))
-    return f"""
-global
-    nbthread 1
-    uid {PROXY_UID}
-    gid {PROXY_UID}
-    maxconn 9000
-    pidfile {pod.dir}/haproxy.pid
-    stats socket {pod.dir}/haproxy.sock mode 600 level admin
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    option dontlognull
-frontend outbound
-    bind 0.0.0.0:{OUTBOUND_PORT}
-    tcp-request connection reject if {{ dst_port {OUTBOUND_PORT} }} || {{ dst_port {INBOUND_PORT} }}
-    default_backend original_dst
-backend original_dst
-    server s 0.0.0.0
-frontend inbound
-    bind 0.0.0.0:{INBOUND_PORT}
-    tcp-request connection reject if {{ dst_port {OUTBOUND_PORT} }} || {{ dst_port {INBOUND_PORT} }}
-    default_backend local_app
-backend local_app
-    server s 127.0.0.1
-frontend explicit_in
-    bind 0.0.0.0:{EXPLICIT_IN}
-    default_backend local_app_explicit
-backend local_app_explicit
-    server s 127.0.0.1:{APP_PORT}
-{explicit}"""
+    """The lab's HAProxy sidecar, tuned for measuring: one thread, no connection log, the
+    explicit-mode frontends, and a stats socket that proves a run went through the sidecar."""
+    return lab_sidecars.haproxy_config(
+        OUTBOUND_PORT, INBOUND_PORT, log=False, maxconn=9000, run_as=PROXY_UID, threads=1, state_dir=pod.dir,
+        timeout="60s", bind="0.0.0.0", explicit_in=EXPLICIT_IN, app_port=APP_PORT, explicit_targets=explicit_targets)
 
 
 def start_haproxy(pod, explicit_targets: dict | None = None) -> subprocess.Popen:

@@ -144,7 +144,7 @@ class ControlBench:
                         run_cli(self.node, *cli_args, ns)
                     else:
                         mgr.enable(ns, mode, spec)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a benchmark records the failure and goes on
                     res["errors"].append(f"enable #{i} {ns}: {exc}")
                     self.log(f"  {mode}: enable #{i} failed: {exc}")
                     break
@@ -170,7 +170,7 @@ class ControlBench:
                         run_cli(self.node, "disable", "--netns", ns)
                     else:
                         mgr.disable(ns)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a benchmark records the failure and goes on
                     res["errors"].append(f"disable #{i} {ns}: {exc}")
                     continue
                 res["disable"].append({"n": i + 2, "via": "cli" if via_cli else "api", "s": time.perf_counter() - t0})
@@ -178,12 +178,12 @@ class ControlBench:
             for pod in (self.client, self.server):
                 try:
                     mgr.disable(pod.path)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a benchmark records the failure and goes on
                     res["errors"].append(f"disable {pod.name}: {exc}")
             t0 = time.perf_counter()
             try:
                 mgr.disable_all()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a benchmark records the failure and goes on
                 res["errors"].append(f"disable --all: {exc}")
             res["disable_all_s"] = time.perf_counter() - t0
         return res
@@ -199,11 +199,11 @@ def run(cluster, count: int = 1000, cli_every: int = 100, latency_seconds: float
         log(f"  control plane: {mode}")
         try:
             out["backends"][mode] = bench.run_backend(mode, InterceptSpec())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a benchmark records the failure and goes on
             out["unavailable"][mode] = f"{type(exc).__name__}: {exc}"
             log(f"  {mode}: unavailable: {exc}")
             try:
                 bench.node.manager().disable_all()
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort; the cluster's close removes the rest
                 pass
     return out

@@ -22,7 +22,7 @@ from typing import List, Optional
 
 from meshintercept.lab import cluster as tc
 
-PREFIX = "mi-b"
+PREFIX = tc.BENCH_PREFIX
 
 
 class BenchNode:
@@ -126,8 +126,7 @@ class BenchCluster:
         """
         base = len(self.idle)
         names = [f"{self.id}-idle{base + i}" for i in range(count)]
-        self.tc._objects.netns.extend(names)  # registered before creation: a crash still gets swept
-        self.tc._save_registry()
+        self.tc.adopt_netns(names)  # registered before creation: a crash still gets swept
         sh("ip", "-batch", "-", input="".join(f"netns add {n}\n" for n in names))
         self.idle.extend(names)
         links, addrs = [], []
@@ -141,10 +140,7 @@ class BenchCluster:
 
     def delete_idle(self) -> None:
         if self.idle:
-            sh("ip", "-force", "-batch", "-", input="".join(f"netns del {n}\n" for n in self.idle), check=False)
-            gone = set(self.idle)
-            self.tc._objects.netns[:] = [n for n in self.tc._objects.netns if n not in gone]
-            self.tc._save_registry()
+            self.tc.delete_netns(self.idle)
             self.idle.clear()
 
     def close(self) -> None:
@@ -187,7 +183,7 @@ def teardown_nodes(nodes) -> None:
             continue
         try:
             node.manager().disable_all()
-        except Exception as exc:  # keep cleaning; the cluster's close removes pins and cgroups
+        except Exception as exc:  # noqa: BLE001 - keep cleaning; the cluster's close removes pins and cgroups
             print(f"bench: disable --all on {node.name}: {exc}")
 
 

@@ -37,8 +37,8 @@ def datapath_medians(dp: Dict) -> Dict:
     out: Dict = {}
     for s in dp.get("samples", []):
         out.setdefault(s["placement"], {}).setdefault(s["mode"], {}).setdefault(s["test"], []).append(s)
-    for placement, modes in out.items():
-        for mode, tests in modes.items():
+    for modes in out.values():
+        for tests in modes.values():
             for test, samples in tests.items():
                 tests[test] = {
                     k: med(x.get(k) for x in samples)

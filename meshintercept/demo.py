@@ -40,14 +40,14 @@ def _nonzero(counters: dict) -> str:
 def run_demo(mode: str, keep: bool = False, echo: Callable[[str], None] = print) -> list:
     from meshintercept import registry
     from meshintercept.manager import require_root
-    from meshintercept.lab.cluster import TestCluster
+    from meshintercept.lab.cluster import DEMO_PREFIX, TestCluster
 
     registry.require(mode)
     require_root("the demo")
     spec = InterceptSpec()
     answers = []
     echo(f"meshintercept demo: mode {mode}")
-    with TestCluster(nodes=2, prefix="mi-demo") as cluster:
+    with TestCluster(nodes=2, prefix=DEMO_PREFIX) as cluster:
         node1, node2 = cluster.nodes
         for n in cluster.nodes:
             echo(f"  {n.name}: pods {n.pod_cidr}, cgroup {n.node.cgroup}, pin dir {n.node.pin_dir}")

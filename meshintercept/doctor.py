@@ -39,13 +39,13 @@ def run_checks(manager) -> Dict[str, List[Check]]:
     sections: Dict[str, List[Check]] = {"general": general_checks(manager)}
     for mode in registry.names():
         try:
-            cls = registry.load(mode)
+            registry.load(mode)
         except MeshInterceptError as exc:
             sections[f"mode {mode}"] = [Check(f"{mode} backend loads", False, exc.message, "reinstall meshintercept")]
             continue
         try:
-            checks = cls(manager.node).doctor()
-        except Exception as exc:  # doctor must report, never crash
+            checks = manager.backend(mode).doctor(manager.records(mode))
+        except Exception as exc:  # noqa: BLE001 - doctor must report, never crash
             checks = [Check(f"{mode} checks ran", False, f"{type(exc).__name__}: {exc}", "report this as a bug")]
         sections[f"mode {mode}"] = checks
     return sections

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 from meshintercept.netns import Netns
 from meshintercept.node import Node
@@ -68,6 +68,15 @@ class Interceptor(ABC):
     def inspect(self, record: NamespaceRecord, netns: Optional[Netns]) -> dict:
         """Live facts for status: is it actually in place, counters, rules, ..."""
 
+    def inspect_many(self, records: List[NamespaceRecord], namespaces: Dict[str, Optional[Netns]]) -> Dict[str, dict]:
+        """``inspect`` for all namespaces of this mode at once, for ``status`` without --live.
+
+        ``namespaces`` maps each record key to its Netns, or None when it is gone. The default
+        looks inside none of them and reports the records (``"checked": "recorded"``); a backend
+        that can answer for all at once cheaply (eBPF: one batched pass over its maps) overrides it.
+        """
+        return {r.key: {"checked": "recorded", "in_place": None} for r in records}
+
     def plan(self, netns: Netns, spec: InterceptSpec) -> str:
         """What enable would do, as text (`--dry-run`); must not change anything."""
         raise NotImplementedError(f"mode {self.name} has no dry-run")
@@ -76,11 +85,8 @@ class Interceptor(ABC):
         """Remove node-wide objects (programs, pins, attachments); return what was removed."""
         return []
 
-    def node_status(self) -> dict:
-        """Node-wide facts for status (loaded programs, attach point, ...)."""
-        return {}
-
-    def doctor(self) -> List[Check]:
-        """Try each thing this backend needs, for real; never raise."""
+    def doctor(self, records: List[NamespaceRecord]) -> List[Check]:
+        """Try each thing this backend needs, for real; never raise. ``records`` are the
+        namespaces this mode manages on the node (the Manager's), for per-namespace checks."""
         reason = self.unavailable_reason()
         return [Check(f"{self.name} usable", reason is None, reason or "")]

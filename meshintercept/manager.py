@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 from meshintercept import registry
 from meshintercept.errors import Conflict, MeshInterceptError, NamespaceNotFound, NotPermitted
@@ -27,7 +27,8 @@ def require_root(action: str) -> None:
 class Manager:
     def __init__(self, node: Optional[Node] = None):
         self.node = node or Node.from_options()
-        self.store = StateStore(self.node.state_dir)
+        #: Only the Manager reads or writes records; everyone else asks it.
+        self._store = StateStore(self.node.state_dir)
         self._backends: Dict[str, Interceptor] = {}
 
     def backend(self, mode: str) -> Interceptor:
@@ -47,8 +48,8 @@ class Manager:
         netns = Netns.parse(ns_ref)
         backend = self.backend(mode)
         started = time.monotonic()
-        with self.store.locked():
-            previous = self.store.get(netns.key)
+        with self._store.locked():
+            previous = self._store.get(netns.key)
             if previous and previous.mode != mode:
                 raise Conflict(
                     f"namespace {netns.name} is intercepted by mode {previous.mode}; "
@@ -58,16 +59,17 @@ class Manager:
                 return self._result(previous, changed=False, started=started)
             try:
                 extra = backend.enable(netns, spec, previous)
-            except BaseException:
+            except BaseException as exc:
                 if previous is None:
                     # Backends are atomic; this is the belt to their braces.
-                    self._quiet_disable(backend, NamespaceRecord(netns.key, netns.ref, netns.path, netns.name, mode, spec), netns)
+                    self._undo_failed_enable(backend, exc, NamespaceRecord(netns.key, netns.ref, netns.path,
+                                                                           netns.name, mode, spec), netns)
                 raise
             record = NamespaceRecord(
                 key=netns.key, ref=netns.ref, path=netns.path, name=netns.name, mode=mode, spec=spec,
                 enabled_at=previous.enabled_at if previous else time.time(), extra=extra or {},
             )
-            self.store.put(record)
+            self._store.put(record)
         return self._result(record, changed=True, started=started)
 
 
@@ -80,25 +82,53 @@ class Manager:
         }
 
     @staticmethod
-    def _quiet_disable(backend: Interceptor, record: NamespaceRecord, netns: Optional[Netns]) -> None:
+    def _undo_failed_enable(backend: Interceptor, failure: BaseException, record: NamespaceRecord,
+                            netns: Netns) -> None:
+        """Remove whatever a failed first enable may have left; a failure here is told, not hidden."""
         try:
             backend.disable(record, netns)
-        except Exception:
-            pass
+        except MeshInterceptError as exc:
+            note = (f" Cleaning up after it also failed ({exc.message}); "
+                    f"run 'meshintercept disable --netns {netns.ref}'.")
+            if isinstance(failure, MeshInterceptError):
+                failure.message += note
 
-    # --- disable ------------------------------------------------------------------------
-    def _lookup(self, ns_ref: str):
-        """Return (record or None, netns or None); a gone namespace is found by its record."""
+    # --- records ------------------------------------------------------------------------
+    def records(self, mode: Optional[str] = None) -> List[NamespaceRecord]:
+        """Every managed namespace of this node (of one mode, if given)."""
+        return [r for r in self._store.all() if mode is None or r.mode == mode]
+
+    def record(self, netns_or_key: Union[Netns, str]) -> Optional[NamespaceRecord]:
+        """The record of a namespace (a Netns, or its "dev:inode" key), or None when not managed."""
+        return self._store.get(netns_or_key.key if isinstance(netns_or_key, Netns) else netns_or_key)
+
+    def lookup(self, ns_ref: str) -> Tuple[Optional[NamespaceRecord], Optional[Netns]]:
+        """(record or None, netns or None) for what a user typed; a gone namespace is found by its record."""
         try:
             netns = Netns.parse(ns_ref)
         except NamespaceNotFound:
-            return self.store.find(ns_ref), None
-        return self.store.get(netns.key), netns
+            return self._store.find(ns_ref), None
+        return self._store.get(netns.key), netns
+
+    @staticmethod
+    def live_netns(record: NamespaceRecord) -> Optional[Netns]:
+        """The record's namespace if it still exists (same dev:inode at the recorded path), else None."""
+        try:
+            netns = Netns.parse(record.path)
+        except MeshInterceptError:
+            return None
+        return netns if netns.key == record.key else None
+
+    def inspect(self, record: NamespaceRecord, netns: Optional[Netns]) -> dict:
+        """The backend's live view of one managed namespace (what status shows as ``live``)."""
+        return self.backend(record.mode).inspect(record, netns)
+
+    # --- disable ------------------------------------------------------------------------
 
     def disable(self, ns_ref: str) -> dict:
         require_root("disable")
-        with self.store.locked():
-            record, netns = self._lookup(ns_ref)
+        with self._store.locked():
+            record, netns = self.lookup(ns_ref)
             if record is None:
                 if netns is None:
                     raise NamespaceNotFound(
@@ -106,25 +136,34 @@ class Manager:
                     )
                 return {"namespace": netns.name, "mode": None, "changed": False}
             self.backend(record.mode).disable(record, netns)
-            self.store.delete(record.key)
+            self._store.delete(record.key)
         return {"namespace": record.name, "mode": record.mode, "changed": True}
+
+    def forget(self, key: str, netns: Optional[Netns] = None) -> Optional[NamespaceRecord]:
+        """Disable the namespace recorded under ``key``, also when its path is gone or names another
+        namespace now (CNI DEL with an empty CNI_NETNS, GC); None when it was not managed."""
+        require_root("disable")
+        with self._store.locked():
+            record = self._store.get(key)
+            if record is None:
+                return None
+            if netns is None or netns.key != key:
+                netns = self.live_netns(record)
+            self.backend(record.mode).disable(record, netns)
+            self._store.delete(key)
+        return record
 
     def disable_all(self) -> dict:
         """Disable every managed namespace, then tear down node-wide objects of every mode."""
         require_root("disable --all")
         removed: List[str] = []
         errors: List[str] = []
-        with self.store.locked():
-            for record in self.store.all():
-                try:
-                    netns = Netns.parse(record.path)
-                    if netns.key != record.key:
-                        netns = None  # the path now names another namespace
-                except MeshInterceptError:
-                    netns = None
+        with self._store.locked():
+            for record in self._store.all():
+                netns = self.live_netns(record)
                 try:
                     self.backend(record.mode).disable(record, netns)
-                    self.store.delete(record.key)
+                    self._store.delete(record.key)
                     removed.append(record.name)
                 except MeshInterceptError as exc:
                     errors.append(f"{record.name}: {exc.message}")
@@ -141,7 +180,7 @@ class Manager:
                 except MeshInterceptError as exc:
                     errors.append(f"{mode}: {exc.message}")
             if not errors:
-                self.store.remove_all()
+                self._store.remove_all()
         if errors:
             raise MeshInterceptError("disable --all left work undone: " + "; ".join(errors))
         return {"namespaces": removed, "teardown": torn, "changed": bool(removed) or any(torn.values())}
@@ -157,14 +196,14 @@ class Manager:
         ``"checked": "recorded"``; ``live=True`` inspects every namespace.
         """
         if ns_ref is not None:
-            record, netns = self._lookup(ns_ref)
+            record, netns = self.lookup(ns_ref)
             if record is None and netns is None:
                 raise NamespaceNotFound(f"network namespace {ns_ref!r} does not exist and is not managed.")
             records = [record] if record else []
             live = True if live is None else live
         else:
-            records = self.store.all()
-        namespaces = {r.key: self._present(r) for r in records}
+            records = self._store.all()
+        namespaces = {r.key: self.live_netns(r) for r in records}
         lives: Dict[str, dict] = {}
         if not live:
             by_mode: Dict[str, List[NamespaceRecord]] = {}
@@ -180,17 +219,9 @@ class Manager:
             items.append(self._item(r, namespaces[r.key], lives[r.key]))
         return {"node": self.node.to_dict(), "namespaces": items}
 
-    @staticmethod
-    def _present(record: NamespaceRecord) -> Optional[Netns]:
-        try:
-            netns = Netns.parse(record.path)
-        except MeshInterceptError:
-            return None
-        return netns if netns.key == record.key else None
-
     def _inspect(self, record: NamespaceRecord, netns: Optional[Netns]) -> dict:
         try:
-            return self.backend(record.mode).inspect(record, netns)
+            return self.inspect(record, netns)
         except MeshInterceptError as exc:
             return {"error": exc.message}
 
@@ -199,11 +230,8 @@ class Manager:
             backend = self.backend(mode)
         except MeshInterceptError as exc:
             return {r.key: {"error": exc.message} for r in records}
-        many = getattr(backend, "inspect_many", None)
-        if many is None:
-            return {r.key: {"checked": "recorded", "in_place": None} for r in records}
         try:
-            found = many(records, namespaces)
+            found = backend.inspect_many(records, namespaces)
         except MeshInterceptError as exc:
             return {r.key: {"error": exc.message} for r in records}
         for value in found.values():
@@ -216,9 +244,6 @@ class Manager:
             "namespace": record.name, "path": record.path, "mode": record.mode, "present": netns is not None,
             "enabled_at": record.enabled_at, "spec": record.spec.to_dict(), "extra": record.extra, "live": live,
         }
-
-    def records(self) -> List[NamespaceRecord]:
-        return self.store.all()
 
     # --- doctor -------------------------------------------------------------------------
     def doctor(self) -> Dict[str, List[Check]]:

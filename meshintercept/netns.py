@@ -161,7 +161,7 @@ def run_forked(fn: Callable, *args):
             result = ("exc", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         try:
             data = pickle.dumps(result)
-        except Exception as exc:  # unpicklable result
+        except Exception as exc:  # noqa: BLE001 - pickle raises many types for an unpicklable result
             data = pickle.dumps(("exc", f"unpicklable result: {exc}"))
         with os.fdopen(write_fd, "wb") as out:
             out.write(data)

@@ -3,6 +3,7 @@
 * ``cluster``: a 2-node `TestCluster`, shared by the tests of one module (add pods with
   names unique in the module, or remove them with ``cluster.remove_pod``).
 * ``make_cluster(nodes=2)``: a fresh cluster closed after the test.
+* ``node``: the node of a fresh one-node cluster (add pods with ``node.add_pod(name)``).
 * ``test_prefix``: ``$MESHINTERCEPT_TEST_PREFIX`` or ``mi-t``; every namespace, cgroup, pin
   dir and state dir the tests create starts with it plus a random suffix.
 * marker ``root``: skipped unless running as root (the cluster fixtures skip by themselves).
@@ -41,11 +42,11 @@ def require_root() -> None:
         pytest.skip("needs root: the test cluster creates namespaces, cgroups and veth links")
 
 
-def _sweep(prefix: str) -> None:
+def _sweep(prefix) -> None:
     try:
         test_cluster.sweep(prefix)
     except Exception as exc:  # noqa: BLE001 - a failed sweep must not hide test results
-        warnings.warn(f"sweep of test prefix {prefix} failed: {exc}")
+        warnings.warn(f"sweep of lab leftovers failed: {exc}", stacklevel=2)
 
 
 @pytest.fixture(scope="session")
@@ -55,15 +56,12 @@ def test_prefix() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def sweep_leftovers(test_prefix):
-    # test_cluster.py's sweep test owns "<prefix>-sw"; the demo test owns "mi-demo".
-    prefixes = (test_prefix, f"{test_prefix}-sw", "mi-demo")
+    # Every known prefix (tests, demo, benchmarks, the registry's); live clusters are left alone.
     if IS_ROOT:
-        for prefix in prefixes:
-            _sweep(prefix)
+        _sweep(None)
     yield
     if IS_ROOT:
-        for prefix in prefixes:
-            _sweep(prefix)
+        _sweep(None)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +69,12 @@ def cluster(test_prefix):
     require_root()
     with test_cluster.TestCluster(nodes=2, prefix=test_prefix) as made:
         yield made
+
+
+@pytest.fixture
+def node(make_cluster):
+    """A fresh one-node cluster's node, for node-level tests (nothing loaded in its pin dir yet)."""
+    return make_cluster(nodes=1).nodes[0]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 
 import pytest
 
@@ -17,23 +16,14 @@ EXE = os.path.join(os.path.dirname(sys.executable), "meshintercept")
 
 
 @pytest.fixture
-def node_env(tmp_path):
-    """A private node (pin dir + state dir) so nothing here touches a real node's state."""
-    suffix = uuid.uuid4().hex[:8]
-    env = dict(os.environ)
-    env["MESHINTERCEPT_PIN_DIR"] = f"/sys/fs/bpf/mi-u-{suffix}"
-    env["MESHINTERCEPT_STATE_DIR"] = str(tmp_path / "state")
-    env.pop("MESHINTERCEPT_MODE", None)
-    yield env
-    shutil.rmtree(env["MESHINTERCEPT_STATE_DIR"], ignore_errors=True)
+def node_env(node):
+    """A lab node's environment, so nothing here touches a real node's state."""
+    return node.cli_env()
 
 
 @pytest.fixture
-def netns_name():
-    name = f"mi-u-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], check=False)
+def netns_name(node):
+    return node.add_pod("u").netns.name
 
 
 def run(args, env, **kw):

@@ -64,7 +64,7 @@ def ours_left(bed: CniTestbed, pod, record) -> list:
     """Everything of ours still visible for this pod: records, attachments, live interception."""
     manager = Manager(bed.node.node)
     left = []
-    if manager.store.get(pod.netns.key):
+    if manager.record(pod.netns):
         left.append("namespace record")
     if AttachmentIndex(bed.node.node.state_dir).for_namespace(pod.netns.key):
         left.append("attachment")
@@ -90,7 +90,7 @@ def test_add_intercepts_check_passes_del_restores(bed_factory, mode):
     assert ours_add.env["CNI_NETNS"] == pod.netns.path and ours_add.env["CNI_IFNAME"] == "eth0"
     assert pod.ip in [str(h) for h in bed.subnet.hosts()]
 
-    record = Manager(bed.node.node).store.get(pod.netns.key)
+    record = Manager(bed.node.node).record(pod.netns)
     assert record is not None and record.mode == mode and record.spec == InterceptSpec()
 
     bed.start_node_server(8080)
@@ -135,7 +135,7 @@ def test_check_fails_when_interception_is_gone_and_repair_restores_it(bed_factor
         pod.run(["iptables-legacy", "-t", "nat", "-F", "MI_OUTPUT"], check=True)
     else:  # the namespace's entries vanish from the node's maps
         manager = Manager(bed.node.node)
-        manager.backend(mode).disable(manager.store.get(pod.netns.key), pod.netns)
+        manager.backend(mode).disable(manager.record(pod.netns), pod.netns)
     with pytest.raises(PluginFailed) as failed:
         bed.runtime.check(pod.container_id, pod.netns.path)
     err = failed.value
@@ -181,7 +181,7 @@ def test_del_after_the_namespace_is_gone(bed_factory):
     bed.cluster.remove_pod(pod)
     # The bridge plugin's DEL also tolerates a missing namespace; the whole chain must succeed.
     bed.runtime.delete(pod.container_id, "", "eth0", pod.cni_args)
-    assert Manager(bed.node.node).store.get(key) is None
+    assert Manager(bed.node.node).record(key) is None
     assert AttachmentIndex(bed.node.node.state_dir).all() == []
     bed.runtime.delete(pod.container_id, "", "eth0", pod.cni_args)
 
@@ -205,7 +205,7 @@ def test_add_with_bad_config_is_a_cni_error_and_changes_nothing(bed_factory):
     saved = subprocess.run(["ip", "netns", "exec", netns.name, "iptables-legacy-save", "-t", "nat"],
                            capture_output=True, text=True, check=True).stdout
     assert "MI_" not in saved
-    assert Manager(bed.node.node).store.all() == []
+    assert Manager(bed.node.node).records() == []
     assert AttachmentIndex(bed.node.node.state_dir).all() == []
     # The runtime cleans up a failed ADD with DEL; ours must not fail on the config ADD rejected.
     bad.delete("bad-cid", netns.path, "eth0")
@@ -218,8 +218,8 @@ def test_two_pods_on_one_node_are_independent(bed_factory):
     b, _ = bed.add_pod("pb")
     bed.delete_pod(a)
     manager = Manager(bed.node.node)
-    assert manager.store.get(a.netns.key) is None
-    record = manager.store.get(b.netns.key)
+    assert manager.record(a.netns) is None
+    record = manager.record(b.netns)
     assert record and manager.backend("iptables").inspect(record, b.netns)["in_place"]
     bed.runtime.check(b.container_id, b.netns.path)
     bed.delete_pod(b)

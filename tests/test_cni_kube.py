@@ -199,7 +199,7 @@ def opt_in_bed(cluster, api, selection="opt-in", **extra):
 
 def intercepted(bed, pod) -> bool:
     manager = Manager(bed.node.node)
-    record = manager.store.get(pod.netns.key)
+    record = manager.record(pod.netns)
     return bool(record) and manager.backend("iptables").inspect(record, pod.netns)["in_place"]
 
 
@@ -224,7 +224,7 @@ def test_opt_in_intercepts_only_pods_that_ask(cluster, api):
     assert "/api/v1/namespaces/default/pods/plain" in paths
     for pod in pods.values():
         bed.delete_pod(pod)
-    assert Manager(bed.node.node).store.all() == []
+    assert Manager(bed.node.node).records() == []
 
 
 @pytest.mark.root
@@ -248,7 +248,7 @@ def test_api_down_is_try_again_later_and_changes_nothing(cluster, api):
         bed.runtime.add("cid-w", netns.path, "eth0", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=waiting")
     assert failed.value.plugin == "meshintercept-cni"
     assert failed.value.error["code"] == 11 and "default/waiting" in failed.value.error["msg"]
-    assert Manager(bed.node.node).store.all() == []
+    assert Manager(bed.node.node).records() == []
     bed.runtime.delete("cid-w", netns.path, "eth0")  # the runtime's cleanup of the failed ADD
 
 
@@ -294,11 +294,11 @@ def test_repair_finds_pods_started_before_the_plugin_by_pod_ip(cluster, api, tmp
     assert stranger.netns.name not in listed
     assert ("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-a", f"Bearer {TOKEN}") in server.requests
     manager = Manager(node.node)
-    assert manager.store.all() == []  # listing changed nothing
+    assert manager.records() == []  # listing changed nothing
 
     fixed = run_repair(*args, "--apply")
     assert fixed[meshed.netns.name]["result"] == "fixed"
-    assert [r.key for r in manager.store.all()] == [meshed.netns.key]
+    assert [r.key for r in manager.records()] == [meshed.netns.key]
     server2 = cluster.add_pod(0, "target")
     server2.start_server(8080)
     sidecar = meshed.start_sidecar("project")
@@ -344,7 +344,7 @@ def test_repair_without_api_by_name_and_process_namespaces(cluster, tmp_path):
         forgotten = run_repair(*base, "--match", "none", "--apply")
         assert forgotten[f"pid:{holder.pid}"]["action"] == "forget"
         assert forgotten[f"pid:{holder.pid}"]["result"] == "forgotten"
-        assert [r.name for r in Manager(node.node).store.all()] == [early.netns.name]
+        assert [r.name for r in Manager(node.node).records()] == [early.netns.name]
         Manager(node.node).disable(early.netns.path)
     finally:
         if holder.poll() is None:

@@ -139,7 +139,7 @@ def test_gc_drops_stale_attachments_and_gone_namespaces(run, test_prefix):
             rc, out, err = run("ADD", block, CNI_CONTAINERID=f"cid-{name}", CNI_NETNS=pod.netns.path, CNI_IFNAME="eth0")
             assert rc == 0 and out == {"cniVersion": "1.1.0"}, (out, err)
         manager = Manager(node)
-        assert len(manager.store.all()) == 3
+        assert len(manager.records()) == 3
         gone_key = pods["gone"].netns.key
         cluster.remove_pod(pods["gone"])
 
@@ -149,8 +149,8 @@ def test_gc_drops_stale_attachments_and_gone_namespaces(run, test_prefix):
 
         index = AttachmentIndex(node.state_dir)
         assert [a.container_id for a in index.all()] == ["cid-keep"]
-        assert {r.key for r in manager.store.all()} == {pods["keep"].netns.key}
-        assert gone_key not in {r.key for r in manager.store.all()}
+        assert {r.key for r in manager.records()} == {pods["keep"].netns.key}
+        assert gone_key not in {r.key for r in manager.records()}
         stale = pods["stale"]
         assert "MI_" not in stale.iptables_save()
         assert "MI_" in pods["keep"].iptables_save()
@@ -159,7 +159,7 @@ def test_gc_drops_stale_attachments_and_gone_namespaces(run, test_prefix):
             [stale.netns.name, pods["gone"].netns.name])
 
         rc, _, _ = run("DEL", block, CNI_CONTAINERID="cid-keep", CNI_NETNS=pods["keep"].netns.path, CNI_IFNAME="eth0")
-        assert rc == 0 and manager.store.all() == [] and index.all() == []
+        assert rc == 0 and manager.records() == [] and index.all() == []
 
 
 @pytest.mark.root
@@ -177,7 +177,7 @@ def test_shared_namespace_stays_intercepted_until_its_last_attachment_goes(run, 
         assert run("CHECK", {**base, "name": "net-a"}, CNI_IFNAME="eth0", **env)[0] == 0
         assert run("DEL", {**base, "name": "net-a"}, CNI_IFNAME="eth0", **env)[0] == 0
         assert "MI_" not in pod.iptables_save()
-        assert Manager(node).store.all() == []
+        assert Manager(node).records() == []
 
 
 def test_plugin_needs_no_terminal_and_writes_nothing_else_to_stdout(run, tmp_path):

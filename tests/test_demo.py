@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from meshintercept import registry
+from meshintercept.errors import MeshInterceptError
 
 EXE = os.path.join(os.path.dirname(sys.executable), "meshintercept")
 
@@ -25,7 +26,7 @@ def _leftovers(cluster_id):
 def _mode_usable(mode):
     try:
         return registry.load(mode).unavailable_reason() is None
-    except Exception:
+    except MeshInterceptError:
         return False
 
 

@@ -27,10 +27,10 @@ MB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def world():
+def world(test_prefix):
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    with TestCluster(nodes=2, prefix="mi-e") as cluster:
+    with TestCluster(nodes=2, prefix=test_prefix) as cluster:
         pods = {}
         for name, node in (("client", 0), ("server", 0), ("bystander", 0), ("remote", 1)):
             pod = cluster.add_pod(node, name)
@@ -39,10 +39,7 @@ def world():
             pods[name] = pod
         yield cluster, pods
         for node in cluster.nodes:
-            try:
-                node.manager().disable_all()
-            except Exception:
-                pass
+            node.manager().disable_all()
 
 
 @pytest.fixture(autouse=True)
@@ -139,7 +136,7 @@ def test_inbound_same_node_and_cross_node_reach_the_app_through_the_destination_
     for target, counter in ((server, "inbound_same_node"), (remote, "inbound_cross_node")):
         mark_out, mark_in = client.sidecar.mark(), target.sidecar.mark()
         reply = client.connect(target.ip, APP, send=b"hi")
-        out = client.sidecar.wait_for(lambda e: e["peer"] == reply.local, since=mark_out)
+        out = client.sidecar.wait_for(lambda e, local=reply.local: e["peer"] == local, since=mark_out)
         assert out and out[0]["original_dst"] == f"{target.ip}:{APP}"
         inbound = target.sidecar.wait_for(lambda e: e["direction"] == "inbound", since=mark_in)
         assert inbound and inbound[0]["original_dst"] == f"{target.ip}:{APP}", inbound
@@ -189,7 +186,7 @@ def test_accelerate_moves_payload_socket_to_socket_and_keeps_it_intact(world, ki
                 p[pod.name] = pod
     enable(client, accelerate=True)
     enable(server, accelerate=True)
-    record = client.node.manager().store.get(client.netns.key)
+    record = client.node.manager().record(client.netns)
     assert record.extra["accelerate"] is True, record.extra.get("warnings")
     c0, s0 = counters(client), counters(server)
     mark = client.sidecar.mark()
@@ -263,7 +260,7 @@ def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
     assert os.listdir(pin_dir)
     state = ebpf_tc.status(client.netns)["eth0"]
     assert state["ingress"] and state["egress"]
-    tcx_pins = [e for e in client.node.manager().store.get(client.netns.key).extra["tc"] if e.get("tcx")]
+    tcx_pins = [e for e in client.node.manager().record(client.netns).extra["tc"] if e.get("tcx")]
     if tcx_pins:  # kernel >= 6.6: pinned tcx links, no qdisc of ours
         assert state.get("tcx") and not state["clsact"]
         assert all(os.path.exists(p) for e in tcx_pins for p in e["pins"].values())

@@ -94,5 +94,5 @@ def test_constants_match_the_header():
                         ("MI_ORIG_INBOUND_TC", T.ORIG_INBOUND_TC), ("MI_ORIG_CLAIMED", T.ORIG_CLAIMED),
                         ("MI_FEAT_ACCELERATE", T.FEAT_ACCELERATE)):
         assert define(name) == value, name
-    for kind, name in T.EVENT_KINDS.items():
+    for kind in T.EVENT_KINDS:
         assert kind in {define(n) for n in [l.split()[1] for l in text.splitlines() if l.startswith("#define MI_EV_")]}

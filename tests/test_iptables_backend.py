@@ -1,17 +1,14 @@
 """The iptables backend against real namespaces, the real legacy nat table and real sockets.
 
-Each test makes its own namespaces (``mi-i-<random>``); the traffic tests link a "pod" to a
-"peer" namespace with one veth pair (10.231.200.0/30), nothing else. Listeners stand in for
-the sidecar: they answer every connection with their name and what SO_ORIGINAL_DST says.
+Each test gets a fresh one-node lab cluster and makes its namespaces there as pods; the traffic
+tests use two pods on the node's bridge. Test servers stand in for the sidecar's ports: they
+answer every connection with their name and what SO_ORIGINAL_DST says.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import threading
-import uuid
 
 import pytest
 
@@ -25,29 +22,23 @@ from meshintercept.manager import Manager
 from meshintercept.netns import Netns
 from meshintercept.node import Node
 from meshintercept.spec import InterceptSpec
-from meshintercept.state import NamespaceRecord, StateStore
+from meshintercept.state import NamespaceRecord
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and iptables")
+pytestmark = pytest.mark.root
 
-POD_IP, PEER_IP = "10.231.200.1", "10.231.200.2"
 APP_UID, PROXY_UID = 1000, 1500
 
 
 # --- fixtures and helpers ----------------------------------------------------------------------
 @pytest.fixture
-def make_ns():
-    made = []
+def make_ns(node):
+    """Namespaces of the lab (swept and removed like every lab object), for table-only tests."""
+    count = iter(range(100))
 
     def make() -> Netns:
-        name = f"mi-i-{uuid.uuid4().hex[:8]}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        made.append(name)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        return Netns.parse(name)
+        return node.add_pod(f"ns{next(count)}").netns
 
-    yield make
-    for name in made:
-        subprocess.run(["ip", "netns", "del", name], check=False, stderr=subprocess.DEVNULL)
+    return make
 
 
 @pytest.fixture
@@ -215,10 +206,11 @@ def test_disable_removes_exactly_what_enable_added(backend, ns):
     assert save(ns) == pristine
 
 
-def test_disable_when_the_namespace_is_gone(backend, ns):
-    spec = InterceptSpec()
+def test_disable_when_the_namespace_is_gone(backend, node):
+    pod = node.add_pod("gone")
+    ns, spec = pod.netns, InterceptSpec()
     backend.enable(ns, spec)
-    subprocess.run(["ip", "netns", "del", ns.name], check=True)
+    node.cluster.remove_pod(pod)
     backend.disable(record(ns, spec), ns)  # the Netns object still names the dead namespace
     backend.disable(record(ns, spec), None)
     assert backend.inspect(record(ns, spec), None)["in_place"] is False
@@ -325,8 +317,7 @@ def test_inspect_notices_drift(backend, ns):
 def test_doctor_tries_it_for_real_and_warns_about_managed_namespaces(backend, ns):
     backend.enable(ns, InterceptSpec())
     sh(ns, "iptables-nft", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "1", "-j", "ACCEPT")
-    StateStore(backend.node.state_dir).put(record(ns, InterceptSpec()))
-    checks = {c.name: c for c in backend.doctor()}
+    checks = {c.name: c for c in backend.doctor([record(ns, InterceptSpec())])}
     assert checks["python-iptables importable"].ok
     selftest = checks["legacy nat table redirects"]
     assert selftest.ok, selftest.detail
@@ -363,82 +354,37 @@ def test_through_the_manager(tmp_path, ns):
 
 
 # --- real traffic ---------------------------------------------------------------------------------
-class Listener:
-    """Accepts in a namespace; tells each client its name and the connection's SO_ORIGINAL_DST
-    (where conntrack has no entry, the address it was accepted on, which is then the same)."""
-
-    def __init__(self, netns: Netns, port: int, name: str, addr: str = "0.0.0.0"):
-        with netns.entered():
-            self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((addr, port))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.name, self.stop = name, threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                ip, port = probe.original_dst(conn)
-            except OSError:  # no conntrack entry in this namespace: nothing was translated
-                ip, port = conn.getsockname()
-            conn.sendall(f"{self.name} {ip}:{port}\n".encode())
-            conn.close()
-
-    def close(self):
-        self.stop.set()
-        self.thread.join()
-        self.sock.close()
-
-
-def _talk(host: str, port: int, uid: int) -> str:
-    os.setuid(uid)
-    try:
-        with socket.create_connection((host, port), timeout=10) as s:
-            return s.recv(200).decode().strip()
-    except OSError as exc:
-        return f"error {exc.__class__.__name__}"
-
-
 @pytest.fixture
-def pod_and_peer(make_ns):
-    pod, peer = make_ns(), make_ns()
-    link = f"mi-i-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "link", "add", f"{link}a", "netns", pod.name, "type", "veth",
-                    "peer", "name", f"{link}b", "netns", peer.name], check=True)
-    for netns, dev, addr in ((pod, f"{link}a", POD_IP), (peer, f"{link}b", PEER_IP)):
-        subprocess.run(["ip", "-n", netns.name, "addr", "add", f"{addr}/30", "dev", dev], check=True)
-        subprocess.run(["ip", "-n", netns.name, "link", "set", dev, "up"], check=True)
-    listeners = [
-        Listener(pod, 15001, "outbound-proxy"), Listener(pod, 15003, "inbound-proxy"),
-        Listener(pod, 8080, "pod-app"), Listener(pod, 2222, "pod-ssh"), Listener(pod, 9000, "pod-local", "127.0.0.1"),
-        Listener(peer, 8080, "peer-app"), Listener(peer, 5432, "peer-db"),
-    ]
-    yield pod, peer
-    for listener in listeners:
-        listener.close()
+def pod_and_peer(node):
+    """Two pods on one lab node; stand-ins for the proxy's ports say which one answered and
+    the original destination they learnt (SO_ORIGINAL_DST, else their own address)."""
+    pod, peer = node.add_pod("pod"), node.add_pod("peer")
+    for where, port, name, bind in (
+        (pod, 15001, "outbound-proxy", "0.0.0.0"), (pod, 15003, "inbound-proxy", "0.0.0.0"),
+        (pod, 8080, "pod-app", "0.0.0.0"), (pod, 2222, "pod-ssh", "0.0.0.0"), (pod, 9000, "pod-local", "127.0.0.1"),
+        (peer, 8080, "peer-app", "0.0.0.0"), (peer, 5432, "peer-db", "0.0.0.0"),
+    ):
+        where.start_server(port, reply=name + " {origdst}", bind=bind)
+    return pod, peer
+
+
+def _answer(src, host: str, port: int, uid: int = APP_UID) -> str:
+    return src.connect(host, port, uid=uid).decode().strip()
 
 
 def test_traffic_is_redirected_as_the_spec_says(backend, pod_and_peer):
     pod, peer = pod_and_peer
+    POD_IP, PEER_IP = pod.ip, peer.ip
     spec = InterceptSpec.build(exclude_inbound_ports=["2222"], exclude_outbound_ports=["5432"])
 
     def from_pod(host, port, uid=APP_UID):
-        return pod.run(_talk, host, port, uid)
+        return _answer(pod, host, port, uid)
 
     def from_peer(host, port):
-        return peer.run(_talk, host, port, APP_UID)
+        return _answer(peer, host, port)
 
     assert from_pod(PEER_IP, 8080) == f"peer-app {PEER_IP}:8080"  # before: direct
-    backend.enable(pod, spec)
+    backend.enable(pod.netns, spec)
 
     # Outbound from the app goes to the outbound port, which learns the true destination.
     assert from_pod(PEER_IP, 8080) == f"outbound-proxy {PEER_IP}:8080"
@@ -457,22 +403,22 @@ def test_traffic_is_redirected_as_the_spec_says(backend, pod_and_peer):
 
     # NAT sees one packet per new connection; on a loaded machine one more was counted once
     # (most likely a resent SYN whose first copy was dropped before conntrack confirmed it).
-    counters = backend.inspect(record(pod, spec), pod)["counters"]
+    counters = backend.inspect(record(pod.netns, spec), pod.netns)["counters"]
     assert counters["outbound"]["packets"] >= 2 and counters["outbound"]["bytes"] > 0
     assert counters["inbound"]["packets"] >= 1 and counters["inbound"]["bytes"] > 0
 
-    backend.disable(record(pod, spec), pod)
+    backend.disable(record(pod.netns, spec), pod.netns)
     assert from_pod(PEER_IP, 8080) == f"peer-app {PEER_IP}:8080"
     assert from_peer(POD_IP, 8080) == f"pod-app {POD_IP}:8080"
 
 
 def test_excluded_cidr_and_include_list(backend, pod_and_peer):
     pod, peer = pod_and_peer
-    spec = InterceptSpec.build(exclude_outbound_cidrs=["10.231.200.0/30"], include_inbound_ports=["2222"])
-    backend.enable(pod, spec)
-    assert pod.run(_talk, PEER_IP, 8080, APP_UID) == f"peer-app {PEER_IP}:8080"
-    assert peer.run(_talk, POD_IP, 2222, APP_UID) == f"inbound-proxy {POD_IP}:2222"
-    assert peer.run(_talk, POD_IP, 8080, APP_UID) == f"pod-app {POD_IP}:8080"
+    spec = InterceptSpec.build(exclude_outbound_cidrs=[f"{peer.ip}/32"], include_inbound_ports=["2222"])
+    backend.enable(pod.netns, spec)
+    assert _answer(pod, peer.ip, 8080) == f"peer-app {peer.ip}:8080"
+    assert _answer(peer, pod.ip, 2222) == f"inbound-proxy {pod.ip}:2222"
+    assert _answer(peer, pod.ip, 8080) == f"pod-app {pod.ip}:8080"
 
 
 def test_reader_renders_any_rule_as_iptables_save_does(ns):

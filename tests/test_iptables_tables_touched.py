@@ -6,7 +6,6 @@ showed in pods that had never had anything but our nat rules).
 """
 
 import subprocess
-import uuid
 
 import pytest
 
@@ -20,13 +19,8 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def ns():
-    name = f"mi-b-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield Netns.parse(name)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def ns(node):
+    return node.add_pod("t").netns
 
 
 def tables(netns: Netns) -> list:

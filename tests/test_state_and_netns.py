@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import uuid
 
 import pytest
 
@@ -13,11 +12,8 @@ from meshintercept.state import NamespaceRecord, StateStore
 
 
 @pytest.fixture
-def ns():
-    name = f"mi-u-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], check=False)
+def ns(node):
+    return node.add_pod("u").netns.name
 
 
 def test_three_ways_to_name_a_namespace(ns):

@@ -82,7 +82,7 @@ def trace(ctx, ns_ref, duration, limit, as_json):
         names = {int(r.extra["netns_cookie"]): r.name for r in manager.records() if r.extra.get("netns_cookie")}
         cookie = None
         if ns_ref:
-            record, netns = manager._lookup(ns_ref)
+            record, netns = manager.lookup(ns_ref)
             if record is None:
                 from meshintercept.errors import NamespaceNotFound
 

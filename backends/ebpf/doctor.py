@@ -17,6 +17,7 @@ from typing import List
 from . import bpfsys, kheaders
 from meshintercept.interceptor import Check
 from meshintercept.node import Node
+from meshintercept.state import NamespaceRecord
 
 from .pins import CGROUP_LINKS, PROGRAMS, NodePins
 
@@ -75,7 +76,7 @@ def _headers():
 
 
 def _bcc():
-    import bcc  # noqa: F401
+    import bcc
 
     return f"bcc from {os.path.dirname(bcc.__file__)}"
 
@@ -119,7 +120,7 @@ def _programs(node: Node) -> List[Check]:
         with _Throwaway(node.cgroup) as cgroup:
             cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                for link_name, (prog, attach_type) in CGROUP_LINKS.items():
+                for prog, attach_type in CGROUP_LINKS.values():
                     if prog not in fds:
                         continue
 
@@ -200,14 +201,12 @@ def _query_effective(fd: int) -> List[int]:
     return [ids[i] for i in range(min(count, 64))]
 
 
-def _leftover_redirects(node: Node):
+def _leftover_redirects(records: List[NamespaceRecord]):
     """REDIRECT rules in namespaces the ebpf mode manages would intercept first."""
-    from meshintercept.state import StateStore
-
     found = []
     nsenter = shutil.which("nsenter")
-    for record in StateStore(node.state_dir).all():
-        if record.mode != "ebpf" or not os.path.exists(record.path) or not nsenter:
+    for record in records:
+        if not os.path.exists(record.path) or not nsenter:
             continue
         for tool in ("iptables-legacy-save", "iptables-nft-save"):
             if not shutil.which(tool):
@@ -247,7 +246,7 @@ def _tcx(prog_fd: int) -> str:
                         2: f"this kernel ({os.uname().release}) has no tcx attach types"}.get(code, "tcx attach failed"))
 
 
-def run(node: Node) -> List[Check]:
+def run(node: Node, records: List[NamespaceRecord]) -> List[Check]:
     checks = [
         _try("root", _root, "run meshintercept as root (sudo)"),
         _try("cgroup v2 attach point", lambda: _cgroup(node),
@@ -263,7 +262,7 @@ def run(node: Node) -> List[Check]:
         checks.append(_try("connect4 hook free of other programs", lambda: _foreign_connect4(node),
                            "with Cilium set socketLB.hostNamespaceOnly=true (bpf-lb-sock-hostns-only) so pods "
                            "keep their sidecar interception", warning=True))
-    checks.append(_try("no leftover iptables redirects", lambda: _leftover_redirects(node),
+    checks.append(_try("no leftover iptables redirects", lambda: _leftover_redirects(records),
                        "disable the iptables mode in those namespaces (meshintercept disable) or remove the rules",
                        warning=True))
     return checks

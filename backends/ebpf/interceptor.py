@@ -220,12 +220,7 @@ class EbpfInterceptor(Interceptor):
 
         return loader.unload(self.node)
 
-    def node_status(self) -> dict:
-        from . import maps
-
-        return maps.node_status(self.node)
-
-    def doctor(self) -> List[Check]:
+    def doctor(self, records: List[NamespaceRecord]) -> List[Check]:
         from . import doctor
 
-        return doctor.run(self.node)
+        return doctor.run(self.node, records)

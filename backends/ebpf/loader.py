@@ -120,7 +120,7 @@ def compile_programs():
     """Compile with bcc; returns the bcc.BPF object (maps created, programs not loaded)."""
     kheaders.ensure()
     try:
-        from bcc import BPF  # noqa: F401 - only the loader imports bcc
+        from bcc import BPF
     except ImportError:
         raise EnvironmentMissing(
             "bcc is not importable; install Debian/Ubuntu's python3-bpfcc and run meshintercept with /usr/bin/python3 "

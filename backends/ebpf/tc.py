@@ -207,10 +207,12 @@ def _has_clsact(ipr, index: int) -> bool:
 
 
 def _our_filters(ipr, index: int, parent: int) -> list:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     found = []
     try:
         filters = ipr.get_filters(index=index, parent=parent)
-    except Exception:
+    except (NetlinkError, OSError):  # no clsact on that device (or the device went away)
         return found
     for flt in filters:
         prio = (flt["info"] >> 16) & 0xFFFF

@@ -19,7 +19,7 @@ from meshintercept.errors import MeshInterceptError, UsageError
 from meshintercept.interceptor import Check, Interceptor
 from meshintercept.netns import Netns
 from meshintercept.spec import InterceptSpec
-from meshintercept.state import NamespaceRecord, StateStore
+from meshintercept.state import NamespaceRecord
 
 #: python-iptables drives the legacy (x_tables) kernel interface, never nf_tables.
 TABLE_BACKEND = "legacy"
@@ -101,12 +101,7 @@ class IptablesInterceptor(Interceptor):
     def teardown(self) -> List[str]:
         return []  # nothing node-wide: every rule lives in a pod namespace
 
-    def node_status(self) -> dict:
-        variant = probe.iptables_variant()
-        return {"table_backend": TABLE_BACKEND, "iptables_default": variant["variant"],
-                "iptables_version": variant["version"]}
-
-    def doctor(self) -> List[Check]:
+    def doctor(self, records: List[NamespaceRecord]) -> List[Check]:
         checks: List[Check] = []
         reason = self.unavailable_reason()
         if reason is None:
@@ -122,7 +117,7 @@ class IptablesInterceptor(Interceptor):
         if reason is None:
             checks.append(self._self_test_check())
         checks.append(_variant_check())
-        checks.extend(self._managed_namespace_checks())
+        checks.extend(self._managed_namespace_checks(records))
         return checks
 
     def _self_test_check(self) -> Check:
@@ -144,11 +139,9 @@ class IptablesInterceptor(Interceptor):
         return Check(name, bool(ok), detail=detail,
                      fix="" if ok else "check that the kernel has iptable_nat, xt_REDIRECT, xt_owner and nf_conntrack")
 
-    def _managed_namespace_checks(self) -> List[Check]:
+    def _managed_namespace_checks(self, records: List[NamespaceRecord]) -> List[Check]:
         checks = []
-        for record in StateStore(self.node.state_dir).all():
-            if record.mode != self.name:
-                continue
+        for record in records:
             try:
                 netns = Netns.parse(record.path)
                 if netns.key != record.key:

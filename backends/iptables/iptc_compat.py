@@ -112,13 +112,13 @@ def load():
     _point_at_libraries()
     try:
         with _without_setuptools_distutils():
-            import iptc  # noqa: F401
+            import iptc
     except ImportError as exc:
         raise EnvironmentMissing(
             f"python-iptables is not importable ({exc}); install Debian's python3-iptables "
             "(apt-get install python3-iptables) into a venv with --system-site-packages."
         ) from None
-    except Exception as exc:  # XTablesError, OSError from ctypes: libraries missing
+    except Exception as exc:  # noqa: BLE001 - XTablesError, or OSError from ctypes: libraries missing
         raise EnvironmentMissing(
             f"python-iptables cannot load the iptables libraries ({exc}); install the iptables package "
             "(apt-get install iptables) or set XTABLES_LIBDIR to the directory holding libxt_*.so."

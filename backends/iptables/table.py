@@ -166,7 +166,7 @@ def render_rule(chain: str, rule) -> Tuple[str, Optional[str]]:
 def _saved(module, rule) -> str:
     try:
         buf = module._get_saved_buf(rule.get_ip())
-    except Exception:  # an extension this libxtables cannot load
+    except Exception:  # noqa: BLE001 - any failure means an extension this libxtables cannot load
         return " [unsupported]"
     if not buf:
         return ""

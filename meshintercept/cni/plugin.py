@@ -30,7 +30,7 @@ from meshintercept import registry
 from meshintercept.cni import config as cfgmod
 from meshintercept.cni import invocation_log, kube, protocol
 from meshintercept.cni.attachments import Attachment, AttachmentIndex
-from meshintercept.cni.namespaces import compare, disable_key, live_netns, open_netns
+from meshintercept.cni.namespaces import compare, open_netns
 from meshintercept.cni.protocol import CniError
 from meshintercept.manager import Manager
 from meshintercept.netns import Netns
@@ -151,7 +151,7 @@ def cmd_del(inv: Invocation) -> None:
         elif others:
             inv.log["action"] = f"kept ({len(others)} other attachment(s) of the namespace)"
         else:
-            record = disable_key(manager, key, netns)
+            record = manager.forget(key, netns)
             inv.log["action"] = "disabled" if record else "nothing"
             if record:
                 inv.log["mode"] = record.mode
@@ -213,7 +213,7 @@ def cmd_gc(inv: Invocation) -> None:
         ]
         for att in stale:
             index.delete(att)
-        gone_keys = {r.key for r in manager.store.all() if live_netns(r) is None}
+        gone_keys = {r.key for r in manager.records() if manager.live_netns(r) is None}
         for att in index.all():  # attachments of any network whose namespace is gone
             if att.netns_key in gone_keys:
                 index.delete(att)
@@ -222,7 +222,7 @@ def cmd_gc(inv: Invocation) -> None:
             if index.for_namespace(key):
                 continue
             try:
-                record = disable_key(manager, key)
+                record = manager.forget(key)
             except core_errors.MeshInterceptError as exc:
                 failed.append(f"{key}: {exc.message}")
                 continue

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 from meshintercept.cni import kube
 from meshintercept.cni.config import PluginConfig
-from meshintercept.cni.namespaces import compare, disable_key, live_netns
+from meshintercept.cni.namespaces import compare
 from meshintercept.errors import MeshInterceptError
 from meshintercept.manager import Manager
 from meshintercept.netns import NETNS_RUN_DIR, Netns, ipv4_addresses, list_named
@@ -138,7 +138,7 @@ def plan(manager: Manager, cfg: PluginConfig, match: Optional[Sequence[str]] = N
             cand.want, cand.why = True, f"name matches {', '.join(match)}"
         if cand.want:
             problems, _live = compare(manager, netns, cfg.mode, cfg.spec)
-            record = manager.store.get(netns.key)
+            record = manager.record(netns)
             cand.problems = problems
             if not problems:
                 cand.action = NONE
@@ -149,8 +149,8 @@ def plan(manager: Manager, cfg: PluginConfig, match: Optional[Sequence[str]] = N
             else:
                 cand.action = REAPPLY
         out.append(cand)
-    for record in manager.store.all():
-        if live_netns(record) is None:
+    for record in manager.records():
+        if manager.live_netns(record) is None:
             out.append(Candidate(record.name, record.path, record.ref, record.key, "record",
                                  why="namespace no longer exists", action=FORGET))
     return out
@@ -165,7 +165,7 @@ def apply(manager: Manager, cfg: PluginConfig, candidates: List[Candidate]) -> L
                 manager.enable(cand.ref, cfg.mode, cfg.spec)
                 cand.result = "fixed"
             elif cand.action == FORGET:
-                disable_key(manager, cand.key)
+                manager.forget(cand.key)
                 cand.result = "forgotten"
             elif cand.action == CONFLICT:
                 cand.result = "left alone (another mode; disable it first)"

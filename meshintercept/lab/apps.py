@@ -6,7 +6,8 @@ Stdlib only: these run as ordinary UIDs inside pod namespaces, started by
 Server protocol (mode ``hello``, the default), one connection:
   1. the server sends a greeting at once: one JSON line naming the pod, the local port and
      address, and the peer address it sees (``reply`` replaces it with a fixed text,
-     where ``{pod} {port} {local} {peer}`` are filled in);
+     where ``{pod} {port} {local} {peer}`` are filled in, and ``{origdst}``: what
+     SO_ORIGINAL_DST says, as a transparent proxy would ask it, else the local address);
   2. if the client's first line is ``BULK <n>``, the server sends n random bytes while it
      reads the client's bytes until EOF (both ways at once), then a trailer line;
      otherwise it reads until EOF and sends the trailer line;
@@ -31,11 +32,13 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 
 CHUNK = 256 * 1024
+SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>
 
 
 def fmt(addr) -> str:
@@ -71,12 +74,23 @@ def send_random(sock: socket.socket, total: int, hasher: _Hasher) -> None:
         left -= len(chunk)
 
 
+def original_dst(conn: socket.socket) -> str:
+    """SO_ORIGINAL_DST as a sidecar asks it; the socket's own address when nothing redirected it."""
+    try:
+        raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return fmt(conn.getsockname())
+    port, addr = struct.unpack("!2xH4s8x", raw)
+    return f"{socket.inet_ntoa(addr)}:{port}"
+
+
 def _serve_hello(conn: socket.socket, name: str, reply: str | None) -> None:
     local, peer = conn.getsockname(), conn.getpeername()
     if reply is None:
         greeting = json.dumps({"pod": name, "port": local[1], "local": fmt(local), "peer": fmt(peer)}) + "\n"
     else:
-        greeting = reply.format(pod=name, port=local[1], local=fmt(local), peer=fmt(peer))
+        origdst = original_dst(conn) if "{origdst}" in reply else ""
+        greeting = reply.format(pod=name, port=local[1], local=fmt(local), peer=fmt(peer), origdst=origdst)
     conn.sendall(greeting.encode())
     reader = conn.makefile("rb", buffering=CHUNK)
     received, sent = _Hasher(), _Hasher()

@@ -55,6 +55,11 @@ from meshintercept.spec import InterceptSpec
 
 ENV_PREFIX = "MESHINTERCEPT_TEST_PREFIX"
 DEFAULT_PREFIX = "mi-t"
+DEMO_PREFIX = "mi-demo"
+BENCH_PREFIX = "mi-b"
+#: Every prefix the project's own users of the lab take (tests, demo, benchmarks); `sweep`
+#: without a prefix covers these, $MESHINTERCEPT_TEST_PREFIX and every prefix in the registry.
+KNOWN_PREFIXES = (DEFAULT_PREFIX, DEMO_PREFIX, BENCH_PREFIX)
 REGISTRY_DIR = "/run/meshintercept-testing"
 BPFFS_ROOT = "/sys/fs/bpf"
 CLUSTER_CIDR = ipaddress.ip_network("10.231.0.0/16")
@@ -316,6 +321,18 @@ class ClusterNode(_Place):
         self.pods: List["Pod"] = []
         self._next_host = 2
         self._manager = None
+
+    def cli_env(self, **extra: str) -> Dict[str, str]:
+        """The environment for running the ``meshintercept`` command against this node."""
+        env = dict(os.environ, MESHINTERCEPT_CGROUP=self.node.cgroup, MESHINTERCEPT_PIN_DIR=self.node.pin_dir,
+                   MESHINTERCEPT_STATE_DIR=self.node.state_dir)
+        env.pop("MESHINTERCEPT_MODE", None)
+        env.update(extra)
+        return env
+
+    def add_pod(self, name: str) -> "Pod":
+        """A pod on this node (see `TestCluster.add_pod`)."""
+        return self.cluster.add_pod(self, name)
 
     def manager(self):
         """A `meshintercept.manager.Manager` for this node (created once)."""
@@ -598,6 +615,17 @@ class TestCluster:
         self._objects.netns.extend(n for n in names if n not in self._objects.netns)
         self._save_registry()
 
+    def delete_netns(self, names: Iterable[str]) -> None:
+        """Delete adopted namespaces (their processes first) and forget them."""
+        names = [n for n in names if n in self._objects.netns]
+        inodes = {i for i in (_netns_inode(os.path.join(NETNS_RUN_DIR, n)) for n in names) if i is not None}
+        _kill_pids(_pids_in_netns(inodes))
+        problems = _delete_netns(names)
+        if problems:
+            raise ClusterError("; ".join(problems))
+        self._objects.netns[:] = [n for n in self._objects.netns if n not in set(names)]
+        self._save_registry()
+
     def pod(self, name: str) -> Pod:
         return self.pods[name]
 
@@ -722,7 +750,7 @@ def _rmdir_cgroup(path: str) -> Optional[str]:
     if not os.path.isdir(path):
         return None
     parent = os.path.dirname(path)
-    for root, dirs, _files in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
+    for root, _dirs, _files in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
         with contextlib.suppress(OSError):
             with open(os.path.join(root, "cgroup.procs")) as f:
                 pids = f.read().split()
@@ -780,12 +808,28 @@ def _owner_alive(registry_file: str) -> bool:
     return _proc_start_time(pid) is not None and _proc_start_time(pid) == data.get("owner_start")
 
 
-def sweep(prefix: Optional[str] = None, force: bool = False) -> List[str]:
-    """Remove leftovers of test clusters with this prefix: processes, namespaces, cgroups, pins, dirs.
+def known_prefixes() -> List[str]:
+    """The prefixes `sweep()` covers: the project's own, the environment's, the registry's."""
+    found = set(KNOWN_PREFIXES)
+    if os.environ.get(ENV_PREFIX):
+        found.add(resolve_prefix())
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(REGISTRY_DIR):
+            m = re.match(r"^([a-z][a-z0-9-]{0,15})-[0-9a-f]{6}\.json$", name)
+            if m:
+                found.add(m.group(1))
+    return sorted(found)
 
-    Clusters whose owner process is still running (another test run) are left alone
-    unless `force`. Returns what was removed.
+
+def sweep(prefix: Optional[str] = None, force: bool = False) -> List[str]:
+    """Remove leftovers of dead lab clusters: processes, namespaces, cgroups, pins, dirs.
+
+    With a prefix, only clusters of that prefix; without, those of every `known_prefixes()`.
+    Clusters whose owner process is still running (another run) are left alone unless
+    `force`. Returns what was removed.
     """
+    if prefix is None:
+        return [line for p in known_prefixes() for line in sweep(p, force)]
     prefix = resolve_prefix(prefix)
     pattern = re.compile(rf"^({re.escape(prefix)}-[0-9a-f]{{6}})(?:[-.].*)?$")
 
@@ -831,7 +875,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 description="Test cluster tooling.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sweep", help="remove leftovers (namespaces, cgroups, pins, state, processes) of a prefix")
-    s.add_argument("--prefix", default=None, help=f"default: ${ENV_PREFIX} or {DEFAULT_PREFIX}")
+    s.add_argument("--prefix", default=None, help="only clusters of this prefix (default: every known prefix: "
+                   f"{', '.join(KNOWN_PREFIXES)}, ${ENV_PREFIX} and those in {REGISTRY_DIR})")
     s.add_argument("--force", action="store_true", help="also remove clusters whose owner process still runs")
     args = p.parse_args(argv)
     if os.geteuid() != 0:

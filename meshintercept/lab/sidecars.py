@@ -42,32 +42,42 @@ HAPROXY_LOG_FORMAT = (
 
 
 def haproxy_config(outbound_port: int = 15001, inbound_port: int = 15003, inbound_target: str = "127.0.0.1",
-                   routes: Optional[Routes] = None, maxconn: int = 4096, log: bool = True,
-                   bind: str = "") -> str:
-    """A transparent HAProxy sidecar: outbound to the original destination, inbound to the app."""
+                   routes: Optional[Routes] = None, maxconn: int = 4096, log: bool = True, bind: str = "",
+                   run_as: Optional[int] = None, threads: Optional[int] = None, state_dir: Optional[str] = None,
+                   timeout: str = "10m", explicit_in: Optional[int] = None, app_port: Optional[int] = None,
+                   explicit_targets: Optional[Dict[int, str]] = None) -> str:
+    """A transparent HAProxy sidecar: outbound to the original destination, inbound to the app.
+
+    ``server original 0.0.0.0`` takes address and port from the accepted socket's original
+    destination (HAProxy asks getsockopt(SO_ORIGINAL_DST), answered by conntrack or by our
+    getsockopt program); ``server app 127.0.0.1`` keeps the original port and sends it to the
+    app on loopback. Without an original destination (a connection that was not redirected)
+    HAProxy would connect to itself in a loop; the reject rules stop that.
+
+    For benchmarks: ``run_as`` (uid/gid after binding), ``threads``, ``state_dir`` (pid file and
+    stats socket there), and the explicit mode: the client addresses its sidecar on a local
+    port of ``explicit_targets`` (port -> peer IP), which forwards to the peer sidecar's
+    ``explicit_in``, which forwards to the app on ``app_port``. Same proxies, no interception.
+    """
     esc = HAPROXY_LOG_FORMAT.replace('"', '\\"')
-    lines = [
-        "global",
-        f"    maxconn {maxconn}",
-        "    log stdout format raw local0 info" if log else "    # connection log off",
-        "defaults",
-        "    mode tcp",
-        "    log global" if log else "",
-        f'    log-format "{esc}"' if log else "",
-        "    timeout connect 5s",
-        "    timeout client 10m",
-        "    timeout server 10m",
-        "frontend outbound",
-        f"    bind {bind}:{outbound_port}",
-        # A connection that was not redirected has itself as original destination: refuse
-        # it instead of connecting to ourselves over and over (the project sidecar does the same).
-        f"    tcp-request connection reject if {{ dst_port {outbound_port} }} || {{ dst_port {inbound_port} }}",
-    ]
+    reject = f"    tcp-request connection reject if {{ dst_port {outbound_port} }} || {{ dst_port {inbound_port} }}"
+    lines = ["global", f"    maxconn {maxconn}"]
+    if threads:
+        lines.append(f"    nbthread {threads}")
+    if run_as is not None:
+        lines += [f"    uid {run_as}", f"    gid {run_as}"]
+    if state_dir:
+        lines += [f"    pidfile {state_dir}/haproxy.pid", f"    stats socket {state_dir}/haproxy.sock mode 600 level admin"]
+    lines.append("    log stdout format raw local0 info" if log else "    # connection log off")
+    lines += ["defaults", "    mode tcp"]
+    lines += ["    log global", f'    log-format "{esc}"'] if log else ["    option dontlognull"]
+    lines += ["    timeout connect 5s", f"    timeout client {timeout}", f"    timeout server {timeout}",
+              "frontend outbound", f"    bind {bind}:{outbound_port}", reject]
     route_backends = []
     for i, (vip, backends) in enumerate(sorted((routes or {}).items())):
         ip, port = vip.rsplit(":", 1)
         lines.append(f"    use_backend route_{i} if {{ dst {ip} }} {{ dst_port {port} }}")
-        route_backends += ["", f"backend route_{i}", "    balance roundrobin"]
+        route_backends += [f"backend route_{i}", "    balance roundrobin"]
         route_backends += [f"    server b{j} {addr}" for j, addr in enumerate(backends)]
     lines += [
         "    default_backend original_destination",
@@ -75,12 +85,19 @@ def haproxy_config(outbound_port: int = 15001, inbound_port: int = 15003, inboun
         "    server original 0.0.0.0",
         "frontend inbound",
         f"    bind {bind}:{inbound_port}",
-        f"    tcp-request connection reject if {{ dst_port {outbound_port} }} || {{ dst_port {inbound_port} }}",
+        reject,
         "    default_backend local_app",
         "backend local_app",
         f"    server app {inbound_target}",
     ]
-    return "\n".join(line for line in lines + route_backends if line != "") + "\n"
+    if explicit_in is not None:
+        lines += ["frontend explicit_in", f"    bind {bind}:{explicit_in}", "    default_backend local_app_explicit",
+                  "backend local_app_explicit", f"    server app {inbound_target}:{app_port}"]
+        for port, ip in sorted((explicit_targets or {}).items()):
+            lines += [f"frontend explicit_out_{port}", f"    bind 127.0.0.1:{port}",
+                      f"    default_backend explicit_peer_{port}", f"backend explicit_peer_{port}",
+                      f"    server peer {ip}:{explicit_in}"]
+    return "\n".join(lines + route_backends) + "\n"
 
 
 def _normalise_project(raw: dict) -> dict:
@@ -222,7 +239,7 @@ def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpe
     sidecar = Sidecar(kind, pod, spec, process, log_path, stderr_path, config_path)
     try:
         pod.wait_listening(process, (spec.outbound_port, spec.inbound_port), timeout)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - re-raised, with the sidecar's own words added
         sidecar.stop()
         raise type(exc)(f"{exc}; {kind} sidecar stderr: {sidecar.stderr().strip()[-2000:]}") from None
     return sidecar
