@@ -42,7 +42,8 @@ def assert_one_sentence(proc, code, *words):
 def assert_nothing_changed(env, ns):
     state = env["MESHINTERCEPT_STATE_DIR"]
     assert not os.path.exists(os.path.join(state, "namespaces")) or not os.listdir(os.path.join(state, "namespaces"))
-    assert not os.path.exists(env["MESHINTERCEPT_PIN_DIR"])
+    pins = env["MESHINTERCEPT_PIN_DIR"]
+    assert not os.path.exists(pins) or os.listdir(pins) == []
     if ns:
         rules = subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy-save", "-t", "nat"], capture_output=True, text=True).stdout
         assert "MI_" not in rules and "REDIRECT" not in rules
