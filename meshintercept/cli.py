@@ -52,8 +52,8 @@ class LazyGroup(click.Group):
 class Session:
     """What the group hands to every command: the node and a lazily built Manager."""
 
-    def __init__(self, cgroup, pin_dir, state_dir, traceback):
-        self.cgroup, self.pin_dir, self.state_dir = cgroup, pin_dir, state_dir
+    def __init__(self, cgroup, pin_dir, state_dir, tc_attach, traceback):
+        self.cgroup, self.pin_dir, self.state_dir, self.tc_attach = cgroup, pin_dir, state_dir, tc_attach
         self.traceback = traceback
         self._manager = None
 
@@ -63,7 +63,7 @@ class Session:
             from meshintercept.manager import Manager
             from meshintercept.node import Node
 
-            self._manager = Manager(Node.from_options(self.cgroup, self.pin_dir, self.state_dir))
+            self._manager = Manager(Node.from_options(self.cgroup, self.pin_dir, self.state_dir, self.tc_attach))
         return self._manager
 
 
@@ -90,10 +90,13 @@ def emit(data, as_json: bool, render) -> None:
               help="bpffs directory holding this node's pinned programs and maps (default /sys/fs/bpf/meshintercept).")
 @click.option("--state-dir", envvar=_env("state_dir"), metavar="PATH", hidden=True,
               help="Directory of the node's namespace records (default derived from --pin-dir under /run/meshintercept).")
+@click.option("--tc-attach", envvar=_env("tc_attach"), type=click.Choice(["clsact", "tcx"]), default=None,
+              help="ebpf mode, tc path: attach the tc programs as clsact filters (default, every kernel) or as "
+                   "tcx links (kernel 6.6+; each attach waits for an RCU grace period).")
 @click.option("--traceback", is_flag=True, envvar=_env("traceback"), help="Show the Python traceback on errors.")
 @click.version_option(__version__, "-V", "--version", prog_name="meshintercept")
 @click.pass_context
-def cli(ctx, cgroup, pin_dir, state_dir, traceback):
+def cli(ctx, cgroup, pin_dir, state_dir, tc_attach, traceback):
     """Turn service-mesh sidecar traffic interception on and off per network namespace.
 
     One network namespace is one pod. Interception sends the pod's outbound TCP to the
@@ -114,7 +117,7 @@ def cli(ctx, cgroup, pin_dir, state_dir, traceback):
     Every option can also be set in the environment as MESHINTERCEPT_<OPTION>,
     e.g. MESHINTERCEPT_PIN_DIR or MESHINTERCEPT_EXCLUDE_OUTBOUND_PORT="22,53".
     """
-    ctx.obj = Session(cgroup, pin_dir, state_dir, traceback)
+    ctx.obj = Session(cgroup, pin_dir, state_dir, tc_attach, traceback)
 
 
 # --- enable ---------------------------------------------------------------------------------

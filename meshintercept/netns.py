@@ -128,7 +128,7 @@ class Netns:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
         finally:
             sock.close()
-        return int.from_bytes(raw, "little")
+        return ctypes.c_uint64.from_buffer_copy(raw).value  # the kernel writes a native-order u64
 
     def run(self, fn: Callable, *args, **kwargs):
         """Run ``fn`` in a forked child that entered this namespace; return its result.

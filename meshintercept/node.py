@@ -50,14 +50,20 @@ def default_cgroup() -> str:
     return mounts[0] if mounts else "/sys/fs/cgroup/unified"
 
 
+#: How the ebpf mode's tc programs attach: clsact filters (every kernel) or tcx links (6.6+,
+#: slower to attach here; docs/ebpf.md).
+TC_ATTACH_MODES = ("clsact", "tcx")
+
+
 @dataclass(frozen=True)
 class Node:
     cgroup: str
     pin_dir: str
     state_dir: str
+    tc_attach: str = "clsact"
 
     @classmethod
-    def from_options(cls, cgroup=None, pin_dir=None, state_dir=None) -> "Node":
+    def from_options(cls, cgroup=None, pin_dir=None, state_dir=None, tc_attach=None) -> "Node":
         cgroup = cgroup or os.environ.get("MESHINTERCEPT_CGROUP") or default_cgroup()
         pin_dir = os.path.abspath(pin_dir or os.environ.get("MESHINTERCEPT_PIN_DIR") or DEFAULT_PIN_DIR)
         state_dir = state_dir or os.environ.get("MESHINTERCEPT_STATE_DIR")
@@ -68,7 +74,14 @@ class Node:
             else:
                 digest = hashlib.sha1(pin_dir.encode()).hexdigest()[:12]
                 state_dir = os.path.join(STATE_ROOT, f"{os.path.basename(pin_dir)}-{digest}")
-        return cls(cgroup=os.path.abspath(cgroup), pin_dir=pin_dir, state_dir=os.path.abspath(state_dir))
+        tc_attach = tc_attach or os.environ.get("MESHINTERCEPT_TC_ATTACH") or "clsact"
+        if tc_attach not in TC_ATTACH_MODES:
+            from meshintercept.errors import UsageError
+
+            raise UsageError(f"--tc-attach must be one of {', '.join(TC_ATTACH_MODES)}, not {tc_attach!r}.")
+        return cls(cgroup=os.path.abspath(cgroup), pin_dir=pin_dir, state_dir=os.path.abspath(state_dir),
+                   tc_attach=tc_attach)
 
     def to_dict(self) -> dict:
-        return {"cgroup": self.cgroup, "pin_dir": self.pin_dir, "state_dir": self.state_dir}
+        return {"cgroup": self.cgroup, "pin_dir": self.pin_dir, "state_dir": self.state_dir,
+                "tc_attach": self.tc_attach}

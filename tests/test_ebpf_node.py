@@ -5,6 +5,7 @@ Each test gets a fresh one-node lab cluster (fixture ``node``: own child cgroup,
 """
 
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -39,13 +40,12 @@ def cli(node, *args, check=True):
 def test_loaded_maps_have_the_sizes_of_the_ctypes_mirror(node):
     pod = node.add_pod("a")
     Manager(node.node).enable(pod.netns.name, "ebpf", InterceptSpec())
-    sizes = {"u64": 8, "u32": 4, "be32": 4}
     with NodePins(node.node.pin_dir) as pins:
-        for name, (kernel_name, key, value) in MAPS.items():
+        for name, (kernel_name, key, value, _percpu) in MAPS.items():
             info = bpfsys.map_info(pins.map(name))
             assert info["name"] == kernel_name
             if key is not None:
-                assert info["key_size"] == (sizes[key] if isinstance(key, str) else ctypes.sizeof(key)), name
+                assert info["key_size"] == ctypes.sizeof(key), name
             if value is not None and name != "events":
                 assert info["value_size"] == ctypes.sizeof(value), name
 
@@ -209,12 +209,11 @@ def _kernel_has_tcx() -> bool:
 
 
 @pytest.mark.skipif(not _kernel_has_tcx(), reason="tcx links need kernel >= 6.6 (clsact fallback covered elsewhere)")
-def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(node, monkeypatch):
+def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(node):
     from meshintercept.backends.ebpf import tc
 
-    monkeypatch.setenv("MESHINTERCEPT_TC_ATTACH", "tcx")
     a = node.add_pod("a")
-    manager = Manager(node.node)
+    manager = Manager(dataclasses.replace(node.node, tc_attach="tcx"))
     manager.enable(a.netns.name, "ebpf", InterceptSpec())
     entry = manager.record(a.netns).extra["tc"][0]
     assert entry["tcx"] and entry["ifname"] == "eth0" and set(entry["pins"]) == {"in", "eg"}
@@ -226,14 +225,14 @@ def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(node, m
     assert {d: bpfsys.link_info(bpfsys.obj_get(p))["id"] for d, p in entry["pins"].items()} == ids
     assert manager.status(a.netns.name)["namespaces"][0]["live"]["in_place"]
     # back to the default (clsact filters): the tcx links go, the filters come
-    monkeypatch.delenv("MESHINTERCEPT_TC_ATTACH")
+    manager = Manager(node.node)
     manager.enable(a.netns.name, "ebpf", InterceptSpec())
     assert not any(os.path.exists(p) for p in entry["pins"].values())
     assert tc.status(a.netns)["eth0"] == {"ifindex": entry["ifindex"], "ingress": True, "egress": True, "clsact": True}
     manager.disable(a.netns.name)
     assert tc.status(a.netns) == {}
     # and tcx again, then disable after the namespace is gone: the pins go by name
-    monkeypatch.setenv("MESHINTERCEPT_TC_ATTACH", "tcx")
+    manager = Manager(dataclasses.replace(node.node, tc_attach="tcx"))
     manager.enable(a.netns.name, "ebpf", InterceptSpec())
     pins = manager.record(a.netns).extra["tc"][0]["pins"]
     assert all(os.path.exists(p) for p in pins.values())
@@ -243,13 +242,12 @@ def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(node, m
 
 
 @pytest.mark.parametrize("attach", ["clsact", "tcx"])
-def test_status_of_all_namespaces_reads_the_node_maps_once_and_agrees_with_a_live_look(node, monkeypatch, attach):
+def test_status_of_all_namespaces_reads_the_node_maps_once_and_agrees_with_a_live_look(node, attach):
     if attach == "tcx":
         if not _kernel_has_tcx():
             pytest.skip("tcx needs kernel >= 6.6")
-        monkeypatch.setenv("MESHINTERCEPT_TC_ATTACH", "tcx")
     a, b = node.add_pod("a"), node.add_pod("b")
-    manager = Manager(node.node)
+    manager = Manager(dataclasses.replace(node.node, tc_attach=attach))
     manager.enable(a.netns.name, "ebpf", InterceptSpec())
     manager.enable(b.netns.name, "ebpf", InterceptSpec.build(debug=True))
     quick = {i["namespace"]: i["live"] for i in manager.status()["namespaces"]}

@@ -7,6 +7,7 @@ attach point is only read (which programs sit at its connect4 hook).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import secrets
@@ -15,13 +16,12 @@ import subprocess
 from typing import List
 
 from . import bpfsys, kheaders
+from . import types as T
 from meshintercept.interceptor import Check
 from meshintercept.node import Node
 from meshintercept.state import NamespaceRecord
 
 from .pins import CGROUP_LINKS, PROGRAMS, NodePins
-
-BPF_F_QUERY_EFFECTIVE = 1
 
 
 def _try(name: str, fn, fix: str, warning: bool = False) -> Check:
@@ -138,11 +138,11 @@ def _programs(node: Node) -> List[Check]:
 
         if "tc_ingress" in fds:
             checks.append(_try("tc programs attach as tcx links", lambda: _tcx(fds["tc_ingress"]),
-                               "kernel < 6.6: leave MESHINTERCEPT_TC_ATTACH unset (the default clsact filters "
+                               "kernel < 6.6: keep --tc-attach at its default, clsact (the clsact filters "
                                "work everywhere); tcx links are an opt-in", warning=True))
 
         def sockhash():
-            fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_SOCKHASH, 24, 4, 16, "mi_doctor")
+            fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_SOCKHASH, ctypes.sizeof(T.Tuple), 4, 16, "mi_doctor")
             try:
                 if "msg_redirect" in fds:
                     bpfsys.prog_attach(fds["msg_redirect"], fd, bpfsys.BPF_SK_MSG_VERDICT)
@@ -167,7 +167,7 @@ def _foreign_connect4(node: Node):
     fd = os.open(node.cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         ids = bpfsys.prog_query(fd, bpfsys.BPF_CGROUP_INET4_CONNECT)
-        effective = _query_effective(fd)
+        effective = bpfsys.prog_query(fd, bpfsys.BPF_CGROUP_INET4_CONNECT, effective=True)
     finally:
         os.close(fd)
     foreign = []
@@ -186,19 +186,6 @@ def _foreign_connect4(node: Node):
             f"(Cilium) rewrites service addresses before ours and sidecars are bypassed"
         )
     return "no other program at the connect4 hook"
-
-
-def _query_effective(fd: int) -> List[int]:
-    import ctypes
-    import struct
-
-    ids = (ctypes.c_uint32 * 64)()
-    attr = ctypes.create_string_buffer(bpfsys.ATTR_SIZE)
-    struct.pack_into("=IIIIQI", attr, 0, fd, bpfsys.BPF_CGROUP_INET4_CONNECT, BPF_F_QUERY_EFFECTIVE, 0,
-                     ctypes.addressof(ids), 64)
-    bpfsys.sys_bpf(bpfsys.BPF_PROG_QUERY, attr, "prog query")
-    count = struct.unpack_from("=I", attr, 24)[0]
-    return [ids[i] for i in range(min(count, 64))]
 
 
 def _leftover_redirects(records: List[NamespaceRecord]):
@@ -231,7 +218,7 @@ def _tcx(prog_fd: int) -> str:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET
-                link = bpfsys.tcx_link_create(prog_fd, 1, bpfsys.BPF_TCX_INGRESS)
+                link = bpfsys.link_create(prog_fd, 1, bpfsys.BPF_TCX_INGRESS)
                 bpfsys.link_detach(link)
                 code = 0
         except OSError as exc:
@@ -241,7 +228,7 @@ def _tcx(prog_fd: int) -> str:
     _pid, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code == 0:
-        return "tcx link attached and detached in a throwaway namespace (MESHINTERCEPT_TC_ATTACH=tcx usable)"
+        return "tcx link attached and detached in a throwaway namespace (--tc-attach tcx usable)"
     raise RuntimeError({1: "could not create a throwaway network namespace",
                         2: f"this kernel ({os.uname().release}) has no tcx attach types"}.get(code, "tcx attach failed"))
 

@@ -8,12 +8,10 @@ is what turns interception on) and disable deletes it first.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from typing import List, Optional
 
 from . import types as T
-from . import bpfsys
 from meshintercept.errors import UsageError
 from meshintercept.interceptor import Check, Interceptor
 from meshintercept.netns import Netns
@@ -71,7 +69,7 @@ class EbpfInterceptor(Interceptor):
             prev_tc = (previous.extra.get("tc") if previous else None) or []
             prev_ips = (previous.extra.get("pod_ips") if previous else None) or []
             attached = None
-            if os.environ.get("MESHINTERCEPT_TC_ATTACH") == "tcx":  # opt-in: see tc.py on its cost
+            if self.node.tc_attach == "tcx":  # opt-in: see tc.py on its cost
                 attached = tc.attach_tcx(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), pins.dir, cookie,
                                          prev_tc)
             if attached is None:
@@ -80,7 +78,7 @@ class EbpfInterceptor(Interceptor):
                 nsmaps.set_pod_ips(pins, cookie, attached["pod_ips"], prev_ips)
                 nsmaps.ensure_counters(pins, cookie)
                 cfg = T.config_from_spec(spec, accelerate=accelerate)
-                bpfsys.map_update(pins.map("config"), T.u64(cookie), T.to_bytes(cfg))
+                pins.table("config").put(cookie, cfg)
             except BaseException:
                 if previous is None:
                     nsmaps.forget_namespace(pins, cookie, [p["ip"] for p in attached["pod_ips"]])
@@ -111,7 +109,7 @@ class EbpfInterceptor(Interceptor):
         lines.append(f"config map: set netns cookie {cookie} ({netns.name}) = {cfg}")
         lines.append(f"pod IP map: every IPv4 address in {netns.name} -> cookie {cookie}")
         lines.append(f"tc: clsact ingress/egress filters (prio {0x4D49}; tcx links pinned under {pins.dir} with "
-                     f"MESHINTERCEPT_TC_ATTACH=tcx) on each interface of {netns.name} with an IPv4 address")
+                     f"--tc-attach tcx) on each interface of {netns.name} with an IPv4 address")
         return "\n".join(lines)
 
     # --- disable ----------------------------------------------------------------------
@@ -148,9 +146,8 @@ class EbpfInterceptor(Interceptor):
             if not pins.loaded() or cookie is None:
                 out["problem"] = "the node's programs are not loaded" if not pins.loaded() else "no netns cookie recorded"
                 return out
-            raw = bpfsys.map_lookup(pins.map("config"), T.u64(cookie), ctypes.sizeof(T.Config))
-            if raw:
-                cfg = T.from_bytes(T.Config, raw)
+            cfg = pins.table("config").get(cookie)
+            if cfg is not None:
                 out["accelerate"] = bool(cfg.flags & T.CFG_ACCELERATE)
                 out["debug"] = bool(cfg.flags & T.CFG_DEBUG)
                 out["config"] = T.config_to_dict(cfg)
@@ -169,7 +166,7 @@ class EbpfInterceptor(Interceptor):
             out["tc"] = state
             expected = [e["ifname"] for e in recorded]
             tc_ok = all(state.get(name, {}).get("ingress") and state.get(name, {}).get("egress") for name in expected)
-        out["in_place"] = bool(raw) and netns is not None and live_cookie == cookie and tc_ok
+        out["in_place"] = cfg is not None and netns is not None and live_cookie == cookie and tc_ok
         if live_cookie is not None and live_cookie != cookie:
             out["problem"] = "the namespace's netns cookie changed (recreated); enable it again"
         return out

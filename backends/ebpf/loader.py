@@ -180,7 +180,7 @@ def load(node: Node) -> List[str]:
                 if name not in OPTIONAL_PROGRAMS:
                     raise
                 warnings.append(f"acceleration unavailable: {exc.message}")
-        for name, (kernel_name, _k, _v) in MAPS.items():
+        for name, (kernel_name, *_types) in MAPS.items():
             bpfsys.obj_pin(_map_fd(bpf, kernel_name), os.path.join(tmp, f"map_{name}"))
         for name, fd in prog_fds.items():
             bpfsys.obj_pin(fd, os.path.join(tmp, f"prog_{name}"))
@@ -194,7 +194,7 @@ def load(node: Node) -> List[str]:
                 warnings.append(f"acceleration unavailable: sk_msg would not attach to the sockhash ({exc.strerror})")
         meta = T.Meta(layout_version=T.LAYOUT_VERSION, features=features, build_hash=build_hash(),
                       loaded_at_ns=time.time_ns())
-        bpfsys.map_update(_map_fd(bpf, "mi1_meta"), b"\0\0\0\0", T.to_bytes(meta))
+        bpfsys.TypedMap(_map_fd(bpf, "mi1_meta"), ctypes.c_uint32, T.Meta).put(0, meta)
         for link_name, (prog_name, attach_type) in CGROUP_LINKS.items():
             try:
                 fd = bpfsys.link_create(prog_fds[prog_name], cgroup_fd, attach_type)

@@ -7,7 +7,6 @@ records know the cookie.
 
 from __future__ import annotations
 
-import ctypes
 from typing import Dict, Iterable, List, Optional
 
 from . import types as T
@@ -16,16 +15,6 @@ from meshintercept.errors import Conflict, UsageError
 from meshintercept.node import Node
 
 from .pins import CGROUP_LINKS, MAPS, PROGRAMS, NodePins, layout_dirs
-
-_CFG = ctypes.sizeof(T.Config)
-_POD = ctypes.sizeof(T.Pod)
-_TUPLE = ctypes.sizeof(T.Tuple)
-_ORIGIN = ctypes.sizeof(T.Origin)
-_COUNTERS = ctypes.sizeof(T.Counters)
-
-
-def _percpu_size(cls) -> int:
-    return ((ctypes.sizeof(cls) + 7) & ~7) * bpfsys.possible_cpus()
 
 
 # --- per-namespace writes ----------------------------------------------------------------
@@ -36,40 +25,36 @@ def set_pod_ips(pins: NodePins, cookie: int, pod_ips: List[dict], previous_ips: 
     are written only by enable, and a new namespace has a new netns cookie, so it owns
     nothing yet. No walk over the whole map: enable stays flat in the number of namespaces.
     """
-    fd = pins.map("podip")
+    podip, config = pins.table("podip"), pins.table("config")
     wanted = {T.ip_to_be32(p["ip"]): p for p in pod_ips}
-    cfg_fd = pins.map("config")
-    for key_int, pod in wanted.items():
-        raw = bpfsys.map_lookup(fd, key_int.to_bytes(4, "little"), _POD)
-        if raw:
-            owner = T.from_bytes(T.Pod, raw).netns
-            if owner != cookie and bpfsys.map_lookup(cfg_fd, T.u64(owner), _CFG):
-                raise Conflict(f"address {pod['ip']} already belongs to another managed namespace "
-                               f"(netns cookie {owner}) on this node; pod IPs must be unique.")
+    for key, pod in wanted.items():
+        have = podip.get(key)
+        if have is not None and have.netns != cookie and config.get(have.netns) is not None:
+            raise Conflict(f"address {pod['ip']} already belongs to another managed namespace "
+                           f"(netns cookie {have.netns}) on this node; pod IPs must be unique.")
     added = []
-    for key_int, pod in wanted.items():
-        value = T.Pod(netns=cookie, ifindex=pod["ifindex"])
-        bpfsys.map_update(fd, key_int.to_bytes(4, "little"), T.to_bytes(value))
+    for key, pod in wanted.items():
+        podip.put(key, T.Pod(netns=cookie, ifindex=pod["ifindex"]))
         added.append(pod["ip"])
-    _delete_owned_ips(fd, cookie, [ip for ip in previous_ips if T.ip_to_be32(ip) not in wanted])
+    _delete_owned_ips(podip, cookie, [ip for ip in previous_ips if T.ip_to_be32(ip) not in wanted])
     return added
 
 
-def _delete_owned_ips(fd: int, cookie: int, ips: Iterable[str]) -> int:
+def _delete_owned_ips(podip: bpfsys.TypedMap, cookie: int, ips: Iterable[str]) -> int:
     """Delete these pod IP entries where this namespace still owns them (by key, no walk)."""
     removed = 0
     for ip in ips:
-        key = T.ip_to_be32(ip).to_bytes(4, "little")
-        raw = bpfsys.map_lookup(fd, key, _POD)
-        if raw and T.from_bytes(T.Pod, raw).netns == cookie:
-            removed += int(bpfsys.map_delete(fd, key))
+        key = T.ip_to_be32(ip)
+        have = podip.get(key)
+        if have is not None and have.netns == cookie:
+            removed += int(podip.delete(key))
     return removed
 
 
 def ensure_counters(pins: NodePins, cookie: int) -> None:
-    fd = pins.map("counters")
-    if bpfsys.map_lookup(fd, T.u64(cookie), _percpu_size(T.Counters)) is None:
-        bpfsys.map_update(fd, T.u64(cookie), bytes(_percpu_size(T.Counters)), bpfsys.BPF_NOEXIST)
+    table = pins.table("counters")
+    if table.get(cookie) is None:
+        table.put(cookie, T.Counters(), bpfsys.BPF_NOEXIST)
 
 
 def forget_namespace(pins: NodePins, cookie: int, pod_ips: Optional[Iterable[str]] = None) -> Dict[str, int]:
@@ -81,55 +66,48 @@ def forget_namespace(pins: NodePins, cookie: int, pod_ips: Optional[Iterable[str
     The connection map (LRU) is keyed by the 4-tuple with the cookie inside, so finding a
     namespace's entries needs a pass over it. The pass stays: entries of connections still
     open at disable would otherwise keep answering SO_ORIGINAL_DST and hold LRU slots that
-    a busy node's live connections need. It is made cheap: keys come in batches
+    a busy node's live connections need. It is made cheap: entries come in batches
     (BPF_MAP_LOOKUP_BATCH, one syscall per 1,024 entries), only matches are deleted, and the
     map holds live connections only (closing sockets delete their own entries), not one
     entry per managed namespace.
     """
     removed = {"config": 0, "podip": 0, "counters": 0, "origdst": 0}
-    key = T.u64(cookie)
-    removed["config"] = int(bpfsys.map_delete(pins.map("config"), key))
-    fd = pins.map("podip")
+    removed["config"] = int(pins.table("config").delete(cookie))
+    podip = pins.table("podip")
     if pod_ips is not None:
-        removed["podip"] = _delete_owned_ips(fd, cookie, pod_ips)
+        removed["podip"] = _delete_owned_ips(podip, cookie, pod_ips)
     else:
-        for k in bpfsys.map_keys(fd, 4):
-            raw = bpfsys.map_lookup(fd, k, _POD)
-            if raw and T.from_bytes(T.Pod, raw).netns == cookie:
-                removed["podip"] += int(bpfsys.map_delete(fd, k))
-    removed["counters"] = int(bpfsys.map_delete(pins.map("counters"), key))
-    fd = pins.map("origdst")
-    for k in bpfsys.map_keys_batch(fd, _TUPLE, _ORIGIN):
-        if k[:8] == key:
-            removed["origdst"] += int(bpfsys.map_delete(fd, k))
+        for key, pod in podip.items():
+            if pod.netns == cookie:
+                removed["podip"] += int(podip.delete(key))
+    removed["counters"] = int(pins.table("counters").delete(cookie))
+    origdst = pins.table("origdst")
+    for key, _origin in origdst.items():
+        if key.netns == cookie:
+            removed["origdst"] += int(origdst.delete(key))
     return removed
 
 
-def counters(pins: NodePins, cookie: int) -> Optional[dict]:
-    raw = bpfsys.map_lookup(pins.map("counters"), T.u64(cookie), _percpu_size(T.Counters))
-    if raw is None:
-        return None
-    total = T.sum_percpu(raw, T.Counters, bpfsys.possible_cpus())
+def _counter_dict(per_cpu: List[T.Counters]) -> dict:
+    total = bpfsys.sum_percpu(per_cpu)
     return {name: getattr(total, name) for name in T.COUNTER_FIELDS}
+
+
+def counters(pins: NodePins, cookie: int) -> Optional[dict]:
+    per_cpu = pins.table("counters").get(cookie)
+    return None if per_cpu is None else _counter_dict(per_cpu)
 
 
 def all_configs_and_counters(pins: NodePins):
     """Every namespace's config and summed counters, by cookie, in two batched passes."""
-    configs = {T.from_u64(k): T.from_bytes(T.Config, v)
-               for k, v in bpfsys.map_items_batch(pins.map("config"), 8, _CFG)}
-    size, cpus = _percpu_size(T.Counters), bpfsys.possible_cpus()
-    totals = {}
-    for k, v in bpfsys.map_items_batch(pins.map("counters"), 8, size):
-        total = T.sum_percpu(v, T.Counters, cpus)
-        totals[T.from_u64(k)] = {name: getattr(total, name) for name in T.COUNTER_FIELDS}
+    configs = dict(pins.table("config").items())
+    totals = {cookie: _counter_dict(per_cpu) for cookie, per_cpu in pins.table("counters").items()}
     return configs, totals
 
 
 def count_entries(pins: NodePins, name: str) -> int:
-    if name == "origdst":
-        return len(bpfsys.map_keys_batch(pins.map(name), _TUPLE, _ORIGIN))
-    key_size = {"config": 8, "podip": 4, "counters": 8, "sockhash": _TUPLE}[name]
-    return len(bpfsys.map_keys(pins.map(name), key_size))
+    table = pins.table(name)
+    return len(table.items()) if table.value_type is not None else len(table.keys())
 
 
 # --- node status -------------------------------------------------------------------------
@@ -179,57 +157,36 @@ def _ns(cookie: int, names: Dict[int, str]) -> str:
 
 
 def _dump_config(pins, names) -> List[dict]:
-    rows = []
-    for k, v in bpfsys.map_items(pins.map("config"), 8, _CFG):
-        cookie = T.from_u64(k)
-        rows.append({"namespace": _ns(cookie, names), "netns_cookie": cookie,
-                     **T.config_to_dict(T.from_bytes(T.Config, v))})
-    return rows
+    return [{"namespace": _ns(cookie, names), "netns_cookie": cookie, **T.config_to_dict(cfg)}
+            for cookie, cfg in pins.table("config").items()]
 
 
 def _dump_podip(pins, names) -> List[dict]:
-    rows = []
-    for k, v in bpfsys.map_items(pins.map("podip"), 4, _POD):
-        pod = T.from_bytes(T.Pod, v)
-        rows.append({"ip": T.be32_to_ip(int.from_bytes(k, "little")), "namespace": _ns(pod.netns, names),
-                     "netns_cookie": pod.netns, "ifindex": pod.ifindex})
+    rows = [{"ip": T.be32_to_ip(key), "namespace": _ns(pod.netns, names), "netns_cookie": pod.netns,
+             "ifindex": pod.ifindex} for key, pod in pins.table("podip").items()]
     return sorted(rows, key=lambda r: r["ip"])
 
 
 def _dump_origdst(pins, names) -> List[dict]:
-    rows = []
-    for k, v in bpfsys.map_items(pins.map("origdst"), _TUPLE, _ORIGIN):
-        t = T.from_bytes(T.Tuple, k)
-        o = T.from_bytes(T.Origin, v)
-        rows.append({
-            "namespace": _ns(t.netns, names), "netns_cookie": t.netns,
-            "accepted_on": f"{T.be32_to_ip(t.local_ip)}:{t.local_port}",
-            "peer": f"{T.be32_to_ip(t.remote_ip)}:{t.remote_port}",
-            "original_dst": f"{T.be32_to_ip(o.ip)}:{o.port}",
-            "kind": T.origin_flags_text(o.flags), "from_namespace": _ns(o.src_netns, names),
-        })
-    return rows
+    return [{
+        "namespace": _ns(t.netns, names), "netns_cookie": t.netns,
+        "accepted_on": f"{T.be32_to_ip(t.local_ip)}:{t.local_port}",
+        "peer": f"{T.be32_to_ip(t.remote_ip)}:{t.remote_port}",
+        "original_dst": f"{T.be32_to_ip(o.ip)}:{o.port}",
+        "kind": T.origin_flags_text(o.flags), "from_namespace": _ns(o.src_netns, names),
+    } for t, o in pins.table("origdst").items()]
 
 
 def _dump_counters(pins, names) -> List[dict]:
-    rows = []
-    for k in bpfsys.map_keys(pins.map("counters"), 8):
-        cookie = T.from_u64(k)
-        values = counters(pins, cookie)
-        if values is not None:
-            rows.append({"namespace": _ns(cookie, names), "netns_cookie": cookie, **values})
-    return rows
+    return [{"namespace": _ns(cookie, names), "netns_cookie": cookie, **_counter_dict(per_cpu)}
+            for cookie, per_cpu in pins.table("counters").items()]
 
 
 def _dump_sockhash(pins, names) -> List[dict]:
     # A sockhash's values are sockets (not readable); its keys say which are accelerated.
-    rows = []
-    for k in bpfsys.map_keys(pins.map("sockhash"), _TUPLE):
-        t = T.from_bytes(T.Tuple, k)
-        rows.append({"namespace": _ns(t.netns, names), "netns_cookie": t.netns,
-                     "local": f"{T.be32_to_ip(t.local_ip)}:{t.local_port}",
-                     "remote": f"{T.be32_to_ip(t.remote_ip)}:{t.remote_port}"})
-    return rows
+    return [{"namespace": _ns(t.netns, names), "netns_cookie": t.netns,
+             "local": f"{T.be32_to_ip(t.local_ip)}:{t.local_port}",
+             "remote": f"{T.be32_to_ip(t.remote_ip)}:{t.remote_port}"} for t in pins.table("sockhash").keys()]
 
 
 def _dump_meta(pins, names) -> List[dict]:
@@ -267,7 +224,7 @@ def dump(node: Node, records: Iterable = (), only: Optional[str] = None) -> Dict
     names = _names_by_cookie(records)
     wanted = list(DUMPERS)
     if only:
-        by_kernel = {kernel: pin for pin, (kernel, _k, _v) in MAPS.items()}
+        by_kernel = {entry[0]: pin for pin, entry in MAPS.items()}
         pin = only if only in DUMPERS else by_kernel.get(only)
         if pin is None:
             raise UsageError(f"unknown map {only!r}; maps: {', '.join(DUMPERS)}.")

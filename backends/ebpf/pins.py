@@ -15,45 +15,47 @@ node loaded by a build with another layout is recognised, never misread.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from typing import Dict, List, Optional
 
 from . import types as T
-from . import bpfsys
+from . import bpfsys, uapi
 from meshintercept.errors import BackendFailure, Conflict
 
 LAYOUT_DIR = f"v{T.LAYOUT_VERSION}"
 LAYOUT_RE = re.compile(r"^v(\d+)$")
 LOADING_RE = re.compile(r"^loading-v\d+-\d+$")  # bpffs refuses names with dots
 
-#: pin name -> (kernel map name, key ctypes, value ctypes or None for special maps)
+#: pin name -> (kernel map name, key ctypes, value ctypes, per-CPU); None where the map's
+#: keys or values are not data (socket storage, sockets, ring buffer records).
 MAPS = {
-    "config": ("mi1_config", "u64", T.Config),
-    "podip": ("mi1_podip", "be32", T.Pod),
-    "origdst": ("mi1_origdst", T.Tuple, T.Origin),
-    "counters": ("mi1_counters", "u64", T.Counters),
-    "sock": ("mi1_sock", None, T.Sock),
-    "sockhash": ("mi1_sockhash", T.Tuple, None),
-    "events": ("mi1_events", None, T.Event),
-    "meta": ("mi1_meta", "u32", T.Meta),
+    "config": ("mi1_config", ctypes.c_uint64, T.Config, False),
+    "podip": ("mi1_podip", ctypes.c_uint32, T.Pod, False),  # key: the IPv4 address, network order in memory
+    "origdst": ("mi1_origdst", T.Tuple, T.Origin, False),
+    "counters": ("mi1_counters", ctypes.c_uint64, T.Counters, True),
+    "sock": ("mi1_sock", None, T.Sock, False),
+    "sockhash": ("mi1_sockhash", T.Tuple, None, False),  # values are sockets: keys only
+    "events": ("mi1_events", None, T.Event, False),
+    "meta": ("mi1_meta", ctypes.c_uint32, T.Meta, False),
 }
 
 #: program pin name -> (function in bpf/, bpf prog type, expected attach type or -1)
 PROGRAMS = {
-    "connect4": ("mi_connect4", bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET4_CONNECT),
-    "sockops": ("mi_sockops", bpfsys.BPF_PROG_TYPE_SOCK_OPS, -1),
-    "getsockopt": ("mi_getsockopt", bpfsys.BPF_PROG_TYPE_CGROUP_SOCKOPT, bpfsys.BPF_CGROUP_GETSOCKOPT),
-    "tc_ingress": ("mi_tc_ingress", bpfsys.BPF_PROG_TYPE_SCHED_CLS, -1),
-    "tc_egress": ("mi_tc_egress", bpfsys.BPF_PROG_TYPE_SCHED_CLS, -1),
-    "msg_redirect": ("mi_msg_redirect", bpfsys.BPF_PROG_TYPE_SK_MSG, -1),
+    "connect4": ("mi_connect4", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_INET4_CONNECT),
+    "sockops": ("mi_sockops", uapi.BPF_PROG_TYPE_SOCK_OPS, -1),
+    "getsockopt": ("mi_getsockopt", uapi.BPF_PROG_TYPE_CGROUP_SOCKOPT, uapi.BPF_CGROUP_GETSOCKOPT),
+    "tc_ingress": ("mi_tc_ingress", uapi.BPF_PROG_TYPE_SCHED_CLS, -1),
+    "tc_egress": ("mi_tc_egress", uapi.BPF_PROG_TYPE_SCHED_CLS, -1),
+    "msg_redirect": ("mi_msg_redirect", uapi.BPF_PROG_TYPE_SK_MSG, -1),
 }
 
 #: cgroup attachments: link pin name -> (program pin name, attach type)
 CGROUP_LINKS = {
-    "connect4": ("connect4", bpfsys.BPF_CGROUP_INET4_CONNECT),
-    "sockops": ("sockops", bpfsys.BPF_CGROUP_SOCK_OPS),
-    "getsockopt": ("getsockopt", bpfsys.BPF_CGROUP_GETSOCKOPT),
+    "connect4": ("connect4", uapi.BPF_CGROUP_INET4_CONNECT),
+    "sockops": ("sockops", uapi.BPF_CGROUP_SOCK_OPS),
+    "getsockopt": ("getsockopt", uapi.BPF_CGROUP_GETSOCKOPT),
 }
 
 #: acceleration is optional: its absence is a warning, not a failure
@@ -117,6 +119,11 @@ class NodePins:
     def map(self, name: str) -> int:
         return self.fd("map", name)
 
+    def table(self, name: str) -> bpfsys.TypedMap:
+        """The pinned map ``name`` as a `bpfsys.TypedMap` of its key and value types."""
+        _kernel, key, value, percpu = MAPS[name]
+        return bpfsys.TypedMap(self.map(name), key, value, percpu)
+
     def prog(self, name: str) -> int:
         return self.fd("prog", name)
 
@@ -126,8 +133,7 @@ class NodePins:
     def meta(self) -> Optional[T.Meta]:
         if not self.has("map", "meta"):
             return None
-        raw = bpfsys.map_lookup(self.map("meta"), b"\0\0\0\0", 24)
-        return T.from_bytes(T.Meta, raw) if raw else None
+        return self.table("meta").get(0)
 
     def accelerate_available(self) -> bool:
         meta = self.meta()

@@ -8,7 +8,7 @@ Default: a clsact qdisc and bpf filters over a raw rtnetlink socket (tcnl). Our 
 recognised by their priority and name; the clsact qdisc is removed on detach only when we
 created it and nothing else uses it.
 
-Opt-in (``MESHINTERCEPT_TC_ATTACH=tcx``, kernel >= 6.6): tcx bpf links, pinned in the node's
+Opt-in (``--tc-attach tcx`` or MESHINTERCEPT_TC_ATTACH=tcx, kernel >= 6.6): tcx bpf links, pinned in the node's
 layout dir as ``link_tcx_<netns cookie>_<ifindex>_<in|eg>`` so they outlive the CLI process
 and disable removes them by name (LINK_DETACH + unpin), even after the namespace is gone.
 Not the default because each tcx attach and detach waits for an RCU grace period on this
@@ -155,7 +155,7 @@ def attach_tcx(netns: Netns, ingress_fd: int, egress_fd: int, pin_dir: str, cook
                             continue
                         _unpin_link(path)
                     try:
-                        link = bpfsys.tcx_link_create(fd, index, TCX[direction][0])
+                        link = bpfsys.link_create(fd, index, TCX[direction][0])
                     except OSError as exc:
                         if not done and not made and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, 524):
                             return None  # no tcx on this kernel

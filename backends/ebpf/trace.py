@@ -7,6 +7,7 @@ where it is off.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from typing import Dict, Iterator, Optional
@@ -22,7 +23,7 @@ TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 
 def decode(raw: bytes, names: Optional[Dict[int, str]] = None) -> dict:
-    ev = T.from_bytes(T.Event, raw)
+    ev = T.Event.from_buffer_copy(raw[:ctypes.sizeof(T.Event)])
     names = names or {}
     return {
         "ts_ns": ev.ts_ns,

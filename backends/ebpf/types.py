@@ -158,22 +158,6 @@ def be32_to_ip(value: int) -> str:
     return socket.inet_ntoa(struct.pack("=I", value))
 
 
-def u64(value: int) -> bytes:
-    return struct.pack("=Q", value)
-
-
-def from_u64(raw: bytes) -> int:
-    return struct.unpack("=Q", raw[:8])[0]
-
-
-def to_bytes(obj: ctypes.Structure) -> bytes:
-    return ctypes.string_at(ctypes.addressof(obj), ctypes.sizeof(obj))
-
-
-def from_bytes(cls, raw: bytes):
-    return cls.from_buffer_copy(raw[: ctypes.sizeof(cls)])
-
-
 def _fill(array, values: Iterable[int]) -> int:
     values = list(values)
     for i, v in enumerate(values):
@@ -242,13 +226,3 @@ def origin_flags_text(flags: int) -> str:
     return ",".join(names)
 
 
-def sum_percpu(raw: bytes, cls, ncpus: int):
-    """Add up a per-CPU map value (ncpus slots, each rounded up to 8 bytes)."""
-    size = ctypes.sizeof(cls)
-    stride = (size + 7) & ~7
-    total = cls()
-    for cpu in range(ncpus):
-        one = cls.from_buffer_copy(raw[cpu * stride: cpu * stride + size])
-        for name, _ in cls._fields_:
-            setattr(total, name, getattr(total, name) + getattr(one, name))
-    return total

@@ -87,7 +87,7 @@ def node_of(conf: dict) -> Node:
     for key in NODE_FIELDS:
         if key in conf and not isinstance(conf[key], str):
             raise CniError(INVALID_CONFIG, f"{key} must be a path string, not {conf[key]!r}.")
-    return Node.from_options(conf.get("cgroup"), conf.get("pin_dir"), conf.get("state_dir"))
+    return Node.from_options(conf.get("cgroup"), conf.get("pin_dir"), conf.get("state_dir"), conf.get("tc_attach"))
 
 
 def _selection(conf: dict) -> Selection:
