@@ -21,6 +21,7 @@ import subprocess
 from typing import List, Optional
 
 from meshintercept.lab import cluster as tc
+from meshintercept.netns import setns_path
 
 PREFIX = tc.BENCH_PREFIX
 
@@ -162,11 +163,7 @@ def _configure_idle(addrs) -> None:
     from pyroute2 import IPRoute
 
     for path, addr in addrs:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            tc.setns(fd)
-        finally:
-            os.close(fd)
+        setns_path(path)
         with IPRoute() as ipr:
             for ifname in ("lo", "eth0"):
                 index = ipr.link_lookup(ifname=ifname)[0]

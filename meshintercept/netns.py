@@ -35,6 +35,15 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def setns_path(path: str, nstype: int = CLONE_NEWNET) -> None:
+    """Move the calling thread into the namespace whose nsfs file (or /proc/PID/ns/...) is ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        setns(fd, nstype)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Netns:
     #: What the user wrote, kept for messages and the state record.
@@ -140,11 +149,7 @@ class Netns:
         return run_forked(self._run_inside, fn, args, kwargs)
 
     def _run_inside(self, fn, args, kwargs):
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            setns(fd)
-        finally:
-            os.close(fd)
+        setns_path(self.path)
         return fn(*args, **kwargs)
 
 

@@ -14,31 +14,26 @@ DEFAULT_PIN_DIR = "/sys/fs/bpf/meshintercept"
 STATE_ROOT = "/run/meshintercept"
 
 
-def is_cgroup2(path: str) -> bool:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                sep = parts.index("-")
-                if parts[4] == path and parts[sep + 1] == "cgroup2":
-                    return True
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-def cgroup2_mounts() -> list:
+def mounts(fstype: str) -> list:
+    """Mount points of this file-system type (``cgroup2``, ``bpf``), from /proc/self/mountinfo."""
     out = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 parts = line.split()
-                sep = parts.index("-")
-                if parts[sep + 1] == "cgroup2":
+                if parts[parts.index("-") + 1] == fstype:
                     out.append(parts[4])
     except (OSError, ValueError):
         pass
     return out
+
+
+def is_cgroup2(path: str) -> bool:
+    return path in mounts("cgroup2")
+
+
+def cgroup2_mounts() -> list:
+    return mounts("cgroup2")
 
 
 def default_cgroup() -> str:

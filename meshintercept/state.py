@@ -21,6 +21,31 @@ from meshintercept.spec import InterceptSpec
 RECORD_VERSION = 1
 
 
+@contextlib.contextmanager
+def dir_lock(directory: str, *make: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``directory``/lock (creating it and the ``make`` dirs first).
+
+    CNI invocations and CLI commands run in parallel; every read-modify-write of a state
+    directory happens under its lock."""
+    for d in (directory, *make):
+        os.makedirs(d, exist_ok=True)
+    fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_text(path: str, error: type, what: str) -> str:
+    """A whole file, or ``error`` saying in one sentence that ``what`` at ``path`` cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}.") from None
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     """Write a JSON file so a reader never sees half of it (temp file + rename)."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -83,13 +108,8 @@ class StateStore:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["StateStore"]:
-        os.makedirs(self.ns_dir, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with dir_lock(self.dir, self.ns_dir):
             yield self
-        finally:
-            os.close(fd)
 
     def _file(self, key: str) -> str:
         return os.path.join(self.ns_dir, key.replace(":", "_") + ".json")

@@ -1,6 +1,8 @@
 """The backend contract suite (meshintercept.lab.contract) for every backend x sidecar.
 
 A class whose mode cannot load or run here is skipped with the backend's own reason.
+--accelerate (sockhash + sk_msg redirect) must pass the same contract with both sidecars
+as without acceleration: the event-driven project sidecar and HAProxy.
 """
 
 import pytest
@@ -9,40 +11,13 @@ from meshintercept.lab.contract import BackendContract
 
 pytestmark = pytest.mark.root
 
+#: (class name part, mode, spec defaults); each runs with every sidecar below.
+BACKENDS = [("Iptables", "iptables", {}), ("Ebpf", "ebpf", {}), ("EbpfAccelerated", "ebpf", {"accelerate": True})]
+SIDECARS = [("ProjectSidecar", "project"), ("Haproxy", "haproxy")]
 
-class TestIptablesWithProjectSidecar(BackendContract):
-    mode = "iptables"
-    sidecar_kind = "project"
-
-
-class TestIptablesWithHaproxy(BackendContract):
-    mode = "iptables"
-    sidecar_kind = "haproxy"
-
-
-@pytest.mark.ebpf
-class TestEbpfWithProjectSidecar(BackendContract):
-    mode = "ebpf"
-    sidecar_kind = "project"
-
-
-@pytest.mark.ebpf
-class TestEbpfWithHaproxy(BackendContract):
-    mode = "ebpf"
-    sidecar_kind = "haproxy"
-
-
-# --accelerate (sockhash + sk_msg redirect) with both sidecars: the event-driven project
-# sidecar and HAProxy must pass the same contract as without acceleration.
-@pytest.mark.ebpf
-class TestEbpfAcceleratedWithProjectSidecar(BackendContract):
-    mode = "ebpf"
-    sidecar_kind = "project"
-    base_spec = {"accelerate": True}
-
-
-@pytest.mark.ebpf
-class TestEbpfAcceleratedWithHaproxy(BackendContract):
-    mode = "ebpf"
-    sidecar_kind = "haproxy"
-    base_spec = {"accelerate": True}
+for _label, _mode, _base in BACKENDS:
+    for _side_label, _kind in SIDECARS:
+        _name = f"Test{_label}With{_side_label}"
+        _cls = type(_name, (BackendContract,), {"mode": _mode, "sidecar_kind": _kind, "base_spec": dict(_base),
+                                                "__module__": __name__, "__qualname__": _name})
+        globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls

@@ -10,7 +10,6 @@ never after, so the two cannot deadlock).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, List, Optional
 
-from meshintercept.state import load_json_dir, write_json_atomic
+from meshintercept.state import dir_lock, load_json_dir, write_json_atomic
 
 
 @dataclass
@@ -55,13 +54,8 @@ class AttachmentIndex:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["AttachmentIndex"]:
-        os.makedirs(self.att_dir, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with dir_lock(self.dir, self.att_dir):
             yield self
-        finally:
-            os.close(fd)
 
     def _file(self, network: str, container_id: str, ifname: str) -> str:
         return os.path.join(self.att_dir, _digest(network, container_id, ifname) + ".json")

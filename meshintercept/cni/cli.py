@@ -16,6 +16,7 @@ from meshintercept.cni import config as cfgmod
 from meshintercept.cni import install as inst
 from meshintercept.cni import protocol
 from meshintercept.errors import MeshInterceptError, UsageError
+from meshintercept.state import read_text
 from meshintercept.status import ExitStatus
 
 CONF_DIR_HELP = "Directory of the node's CNI network configs (k3s: /var/lib/rancher/k3s/agent/etc/cni/net.d)."
@@ -42,11 +43,7 @@ def _load_block(plugin_conf) -> dict:
         return {}
     text = plugin_conf
     if not plugin_conf.lstrip().startswith("{"):
-        try:
-            with open(plugin_conf) as f:
-                text = f.read()
-        except OSError as exc:
-            raise UsageError(f"cannot read plugin config {plugin_conf}: {exc.strerror}.") from None
+        text = read_text(plugin_conf, UsageError, "plugin config")
     try:
         block = json.loads(text)
     except ValueError as exc:

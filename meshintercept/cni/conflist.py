@@ -93,13 +93,19 @@ def _members(text: str, i: int) -> List[Tuple[str, int, int]]:
     return out
 
 
-def plugins_array(text: str) -> PluginsArray:
+def _json_object(text: str, key: str, kind: type, what: str) -> dict:
+    """The document as a JSON object whose ``key`` is a ``kind``, else ConflistError saying ``what``."""
     try:
         doc = json.loads(text)
     except ValueError as exc:
         raise ConflistError(f"not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("plugins"), list):
-        raise ConflistError('not a conflist (no "plugins" array)')
+    if not isinstance(doc, dict) or not isinstance(doc.get(key), kind):
+        raise ConflistError(what)
+    return doc
+
+
+def plugins_array(text: str) -> PluginsArray:
+    _json_object(text, "plugins", list, 'not a conflist (no "plugins" array)')  # validates; the text is edited as text
     top = _ws(text, 0)
     spans = [(s, e) for key, s, e in _members(text, top) if key == "plugins"]
     start, end = spans[-1]  # json.loads keeps the last of duplicate keys; so do we
@@ -193,12 +199,7 @@ def remove_plugins(text: str, match: Callable[[object], bool]) -> str:
 def conf_to_conflist(text: str, block: dict) -> str:
     """A single-plugin .conf becomes a conflist of that plugin followed by ours (as libcni's
     ConfListFromConf would: name and cniVersion lifted to the list, the object kept whole)."""
-    try:
-        conf = json.loads(text)
-    except ValueError as exc:
-        raise ConflistError(f"not valid JSON ({exc})") from None
-    if not isinstance(conf, dict) or not isinstance(conf.get("type"), str):
-        raise ConflistError('not a network config (no "type")')
+    conf = _json_object(text, "type", str, 'not a network config (no "type")')
     doc = {"cniVersion": conf.get("cniVersion", "1.0.0"), "name": conf.get("name", ""), "plugins": [conf, block]}
     return json.dumps(doc, indent=2) + "\n"
 

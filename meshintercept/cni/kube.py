@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from meshintercept.cni.config import FALSE_WORDS, TRUE_WORDS, Selection
+from meshintercept.state import read_text
 
 
 class KubeError(Exception):
@@ -46,11 +47,7 @@ class Endpoint:
 
 
 def _load_document(path: str) -> dict:
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as exc:
-        raise KubeError(f"cannot read kubeconfig {path}: {exc.strerror}.") from None
+    text = read_text(path, KubeError, "kubeconfig")
     try:
         doc = json.loads(text)
     except ValueError:

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from meshintercept.netns import setns
+from meshintercept.netns import setns_path
 
 
 class PluginFailed(Exception):
@@ -77,11 +77,7 @@ class ChainRuntime:
             return None
 
         def enter():
-            fd = os.open(netns, os.O_RDONLY)
-            try:
-                setns(fd)
-            finally:
-                os.close(fd)
+            setns_path(netns)
         return enter
 
     def exec_plugin(self, plugin: dict, command: str, env: Dict[str, str], stdin: dict) -> Exec:

@@ -49,8 +49,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-from meshintercept.netns import NETNS_RUN_DIR, Netns, run_forked, setns
-from meshintercept.node import STATE_ROOT, Node, default_cgroup
+from meshintercept.netns import NETNS_RUN_DIR, Netns, run_forked, setns_path
+from meshintercept.node import STATE_ROOT, Node, default_cgroup, mounts
 from meshintercept.spec import InterceptSpec
 
 ENV_PREFIX = "MESHINTERCEPT_TEST_PREFIX"
@@ -118,11 +118,7 @@ def _write_sysctls(settings: Dict[str, str]) -> None:
 def sysctl(netns_path: str, settings: Dict[str, str]) -> None:
     """Write sysctls inside a namespace (a forked child enters it; /proc/sys/net follows it)."""
     def inside():
-        fd = os.open(netns_path, os.O_RDONLY)
-        try:
-            setns(fd)
-        finally:
-            os.close(fd)
+        setns_path(netns_path)
         _write_sysctls(settings)
 
     run_forked(inside)
@@ -165,11 +161,7 @@ def _preexec(cgroup: Optional[str], netns_path: str, uid: Optional[int], gid: Op
         if cgroup:
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
-        fd = os.open(netns_path, os.O_RDONLY)
-        try:
-            setns(fd)
-        finally:
-            os.close(fd)
+        setns_path(netns_path)
         if nofile:
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -541,7 +533,7 @@ class TestCluster:
         self._objects.state_dirs.append(state_dir)
         self._save_registry()
         os.mkdir(cgroup)
-        if _is_bpffs(BPFFS_ROOT):
+        if BPFFS_ROOT in mounts("bpf"):
             os.makedirs(pin_dir, exist_ok=True)
         os.makedirs(state_dir, exist_ok=True)
         netns = self._new_netns(name)
@@ -675,19 +667,6 @@ class TestCluster:
 
 
 # --- teardown and sweep --------------------------------------------------------------------
-def _is_bpffs(path: str) -> bool:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                sep = parts.index("-")
-                if parts[4] == path and parts[sep + 1] == "bpf":
-                    return True
-    except (OSError, ValueError):
-        pass
-    return False
-
-
 def _pids_in_netns(inodes: set) -> set:
     me = os.getpid()
     found = set()
