@@ -133,7 +133,11 @@ def _spec_options(fn):
         click.option("--include-inbound-port", "include_inbound_ports", multiple=True, envvar=_env("include_inbound_port"),
                      metavar="P[,P]", help="Redirect only these inbound ports (default: all). Repeatable, comma lists."),
         click.option("--exclude-outbound-cidr", "exclude_outbound_cidrs", multiple=True, envvar=_env("exclude_outbound_cidr"),
-                     metavar="CIDR[,CIDR]", help="Outbound destinations that bypass the sidecar. Repeatable, comma lists."),
+                     metavar="CIDR[,CIDR]", help="Outbound destinations that bypass the sidecar, IPv4 or IPv6 "
+                     "(an IPv4 CIDR also covers IPv4 reached from IPv6 sockets, ::ffff:a.b.c.d). Repeatable, comma lists."),
+        click.option("--family", "families", multiple=True, envvar=_env("family"), metavar="ipv4|ipv6",
+                     help="IP families to intercept (default: every family the namespace has; a namespace with "
+                     "IPv6 disabled is intercepted for IPv4). Repeatable, comma lists."),
         click.option("--exclude-inbound-port", "exclude_inbound_ports", multiple=True, envvar=_env("exclude_inbound_port"),
                      metavar="P[,P]", help="Inbound ports that bypass the sidecar. Repeatable, comma lists."),
         click.option("--exclude-outbound-port", "exclude_outbound_ports", multiple=True, envvar=_env("exclude_outbound_port"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Iterable, Tuple
+from typing import Iterable, Tuple, Union
 
 from meshintercept.errors import UsageError
 
@@ -48,17 +48,52 @@ def parse_ports(values, what: str) -> Tuple[int, ...]:
     return tuple(sorted({parse_port(v, what) for v in split_list(values)}))
 
 
-def parse_cidrs(values, what: str = "excluded outbound CIDR") -> Tuple[ipaddress.IPv4Network, ...]:
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+FAMILIES = ("ipv4", "ipv6")
+#: IPv4 addresses as an AF_INET6 socket sees them (RFC 4291 2.5.5.2).
+V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def parse_cidrs(values, what: str = "excluded outbound CIDR") -> Tuple[Network, ...]:
+    """IPv4 and IPv6 CIDRs; a v4-mapped IPv6 range is the IPv4 range it maps (it is matched the
+    same way for AF_INET and AF_INET6 sockets)."""
     nets = set()
     for text in split_list(values):
         try:
             net = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise UsageError(f"{what} {text!r} is not a valid CIDR; write it like 10.0.0.0/8 or 192.168.1.5/32.") from None
-        if net.version != 4:
-            raise UsageError(f"{what} {text!r} is IPv6; only IPv4 interception is supported.")
+            raise UsageError(f"{what} {text!r} is not a valid CIDR; write it like 10.0.0.0/8, 192.168.1.5/32 "
+                             "or fd00::/8.") from None
+        if net.version == 6 and net.prefixlen == 0:
+            raise UsageError(f"{what} {text!r} would send every IPv6 connection, and every IPv4 one made from an "
+                             "IPv6 socket, around the sidecar; to leave IPv6 alone use --family ipv4.")
+        if net.version == 6 and net.subnet_of(V4_MAPPED):
+            net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
         nets.add(net)
-    return tuple(sorted(nets))
+    return tuple(sorted(nets, key=lambda n: (n.version, n)))
+
+
+def parse_families(values) -> Tuple[str, ...]:
+    """``ipv4``, ``ipv6`` or both; empty means every family the namespace has."""
+    found = set()
+    for text in split_list(values):
+        word = text.lower()
+        if word in ("4", "inet"):
+            word = "ipv4"
+        elif word in ("6", "inet6"):
+            word = "ipv6"
+        if word not in FAMILIES:
+            raise UsageError(f"family {text!r} is not one of ipv4, ipv6.")
+        found.add(word)
+    return tuple(f for f in FAMILIES if f in found)
+
+
+def plain_address(addr) -> ipaddress._BaseAddress:
+    """The address a destination really is: a v4-mapped IPv6 address is its IPv4 address."""
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def parse_uid(value) -> int:
@@ -79,9 +114,12 @@ class InterceptSpec:
     inbound_port: int = DEFAULT_INBOUND_PORT
     exclude_outbound_ports: Tuple[int, ...] = ()
     exclude_inbound_ports: Tuple[int, ...] = ()
-    exclude_outbound_cidrs: Tuple[ipaddress.IPv4Network, ...] = ()
+    exclude_outbound_cidrs: Tuple[Network, ...] = ()
     #: Empty means every inbound port (except exclusions and the proxy's own ports).
     include_inbound_ports: Tuple[int, ...] = ()
+    #: IP families to intercept; empty means every family the namespace has (a namespace with
+    #: IPv6 disabled is intercepted for IPv4, with a note). Naming one the namespace lacks is an error.
+    families: Tuple[str, ...] = ()
     #: eBPF only: programs write bpf_trace_printk lines and trace events for this namespace.
     debug: bool = False
     #: eBPF only: sockhash + sk_msg redirect between local sockets (opt-in, fail-open).
@@ -110,6 +148,7 @@ class InterceptSpec:
         kwargs["exclude_inbound_ports"] = parse_ports(options.get("exclude_inbound_ports"), "excluded inbound port")
         kwargs["include_inbound_ports"] = parse_ports(options.get("include_inbound_ports"), "included inbound port")
         kwargs["exclude_outbound_cidrs"] = parse_cidrs(options.get("exclude_outbound_cidrs"))
+        kwargs["families"] = parse_families(options.get("families"))
         kwargs["debug"] = bool(options.get("debug", False))
         kwargs["accelerate"] = bool(options.get("accelerate", False))
         unknown = set(options) - {f.name for f in fields(cls)}
@@ -131,15 +170,24 @@ class InterceptSpec:
         return not self.include_inbound_ports or port in self.include_inbound_ports
 
     def outbound_redirected(self, addr: str, port: int) -> bool:
-        ip = ipaddress.ip_address(addr)
+        """The rule every backend applies; a v4-mapped destination is its IPv4 address."""
+        ip = plain_address(addr)
         if ip.is_loopback or port in self.exclude_outbound_ports:
             return False
-        return not any(ip in net for net in self.exclude_outbound_cidrs)
+        return not any(ip.version == net.version and ip in net for net in self.exclude_outbound_cidrs)
+
+    def cidrs(self, version: int) -> Tuple[Network, ...]:
+        """The excluded outbound CIDRs of one IP version (4 or 6)."""
+        return tuple(n for n in self.exclude_outbound_cidrs if n.version == version)
+
+    def wants(self, family: str) -> bool:
+        """Whether this spec asks for ``family`` (``ipv4``/``ipv6``); an empty list asks for both."""
+        return not self.families or family in self.families
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["exclude_outbound_cidrs"] = [str(n) for n in self.exclude_outbound_cidrs]
-        for key in ("exclude_outbound_ports", "exclude_inbound_ports", "include_inbound_ports"):
+        for key in ("exclude_outbound_ports", "exclude_inbound_ports", "include_inbound_ports", "families"):
             data[key] = list(data[key])
         return data
 

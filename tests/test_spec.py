@@ -22,7 +22,8 @@ def test_lists_accept_repeats_and_commas_and_dedupe():
 
 
 @pytest.mark.parametrize("bad", [{"inbound_port": 0}, {"outbound_port": "70000"}, {"inbound_port": "abc"},
-                                 {"exclude_inbound_ports": ["1,x"]}, {"exclude_outbound_cidrs": ["fe80::/64"]},
+                                 {"exclude_inbound_ports": ["1,x"]}, {"exclude_outbound_cidrs": ["fd00::zz/64"]},
+                                 {"exclude_outbound_cidrs": ["::/0"]}, {"families": ["ipv5"]},
                                  {"outbound_port": 15003}, {"proxy_uid": "root"},
                                  {"include_inbound_ports": ["80"], "exclude_inbound_ports": ["80"]}])
 def test_bad_values(bad):
@@ -61,3 +62,23 @@ def test_plain_strings_from_json_or_env_are_lists_too():
     spec = InterceptSpec.build(exclude_inbound_ports="22,8080", exclude_outbound_ports=53)
     assert spec.exclude_inbound_ports == (22, 8080)
     assert spec.exclude_outbound_ports == (53,)
+
+
+def test_ipv6_cidrs_and_v4_mapped_destinations():
+    spec = InterceptSpec.build(exclude_outbound_cidrs=["fd00:231:9::/48", "::ffff:10.9.0.0/112", "10.8.0.0/16"])
+    # a v4-mapped range is the IPv4 range it maps: one rule for AF_INET and AF_INET6 sockets
+    assert [str(n) for n in spec.exclude_outbound_cidrs] == ["10.8.0.0/16", "10.9.0.0/16", "fd00:231:9::/48"]
+    assert [str(n) for n in spec.cidrs(6)] == ["fd00:231:9::/48"]
+    assert not spec.outbound_redirected("::ffff:10.9.1.1", 80) and not spec.outbound_redirected("10.9.1.1", 80)
+    assert spec.outbound_redirected("::ffff:10.7.1.1", 80) and spec.outbound_redirected("fd00:231:8::1", 80)
+    assert not spec.outbound_redirected("fd00:231:9::5", 80)
+    for loopback in ("::1", "::ffff:127.0.0.1", "127.0.0.5"):
+        assert not spec.outbound_redirected(loopback, 80), loopback
+
+
+def test_families_default_to_every_family_the_namespace_has():
+    assert InterceptSpec().families == () and InterceptSpec().wants("ipv6")
+    spec = InterceptSpec.build(families=["inet6,ipv4", "6"])
+    assert spec.families == ("ipv4", "ipv6")
+    assert InterceptSpec.build(families="ipv4").wants("ipv6") is False
+    assert InterceptSpec.from_dict(spec.to_dict()) == spec

@@ -176,7 +176,7 @@ def config_from_spec(spec, accelerate: bool = None) -> Config:
     cfg.n_exclude_out_ports = _fill(cfg.exclude_out_ports, spec.exclude_outbound_ports)
     cfg.n_exclude_in_ports = _fill(cfg.exclude_in_ports, spec.exclude_inbound_ports)
     cfg.n_include_in_ports = _fill(cfg.include_in_ports, spec.include_inbound_ports)
-    nets = list(spec.exclude_outbound_cidrs)
+    nets = list(spec.cidrs(4))
     for i, net in enumerate(nets):
         net = ipaddress.ip_network(net)
         cfg.exclude_out_cidrs[i].addr = ip_to_be32(net.network_address)
@@ -188,11 +188,13 @@ def config_from_spec(spec, accelerate: bool = None) -> Config:
 def limit_problems(spec) -> list:
     """Sentences for every list of the spec longer than the programs hold (never truncate)."""
     out = []
+    if "ipv6" in spec.families:
+        out.append("the ebpf mode intercepts IPv4 only so far (drop --family ipv6)")
     for what, values, limit in (
         ("excluded outbound ports", spec.exclude_outbound_ports, MAX_PORTS),
         ("excluded inbound ports", spec.exclude_inbound_ports, MAX_PORTS),
         ("included inbound ports", spec.include_inbound_ports, MAX_PORTS),
-        ("excluded outbound CIDRs", spec.exclude_outbound_cidrs, MAX_CIDRS),
+        ("excluded outbound IPv4 CIDRs", spec.cidrs(4), MAX_CIDRS),
     ):
         if len(values) > limit:
             out.append(f"{len(values)} {what} given, the ebpf mode holds at most {limit}")

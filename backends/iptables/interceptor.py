@@ -30,6 +30,8 @@ def check_spec(spec: InterceptSpec) -> None:
     # is accepted and ignored. Acceleration is a sockmap feature with no iptables meaning.
     if spec.accelerate:
         raise UsageError("--accelerate needs --mode ebpf; the iptables mode has no socket acceleration.")
+    if "ipv6" in spec.families:
+        raise UsageError("the iptables mode intercepts IPv4 only so far; drop --family ipv6.")
 
 
 class IptablesInterceptor(Interceptor):

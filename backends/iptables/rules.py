@@ -201,7 +201,7 @@ def build(spec: InterceptSpec) -> Ruleset:
     rules.append(Rule(OUTPUT, "RETURN", f"connections of the proxy (uid {spec.proxy_uid}) go direct",
                       matches=(Match("owner", "uid-owner", str(spec.proxy_uid)),)))
     rules.append(Rule(OUTPUT, "RETURN", "loopback destinations go direct", dst="127.0.0.0/8"))
-    for net in spec.exclude_outbound_cidrs:
+    for net in spec.cidrs(4):
         # iptables-save omits a /0 destination (it matches everything), so we do too.
         dst = str(net) if net.prefixlen else None
         rules.append(Rule(OUTPUT, "RETURN", f"excluded outbound CIDR {net} goes direct", dst=dst))

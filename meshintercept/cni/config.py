@@ -31,7 +31,7 @@ TRUE_WORDS = ("true", "enabled", "yes", "on", "1")
 FALSE_WORDS = ("false", "disabled", "no", "off", "0")
 
 SPEC_FIELDS = tuple(f.name for f in fields(InterceptSpec))
-NODE_FIELDS = ("cgroup", "pin_dir", "state_dir")
+NODE_FIELDS = ("cgroup", "pin_dir", "state_dir", "tc_attach")
 OWN_FIELDS = (
     ("mode", "log_file", "kubeconfig", "pod_selection", "selector_key", "excluded_namespaces", "api_timeout")
     + SPEC_FIELDS + NODE_FIELDS
