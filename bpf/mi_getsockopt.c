@@ -27,7 +27,10 @@ static __always_inline int __mi_original_dst(struct bpf_sockopt *ctx)
 	struct mi_event ev = {};
 	__u64 netns;
 
-	if (!sk || sk->family != MI_AF_INET || sk->protocol != MI_IPPROTO_TCP)
+	if (!sk || sk->protocol != MI_IPPROTO_TCP)
+		return MI_E_PROTO;
+	if (sk->family != MI_AF_INET &&
+	    !(sk->family == MI_AF_INET6 && mi_is_v4mapped(sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2])))
 		return MI_E_PROTO;
 	netns = bpf_get_netns_cookie(ctx);
 	cfg = mi1_config.lookup(&netns);

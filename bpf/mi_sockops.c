@@ -174,7 +174,8 @@ out:
 
 int mi_sockops(struct bpf_sock_ops *ctx)
 {
-	if (ctx->family != MI_AF_INET)
+	if (ctx->family != MI_AF_INET &&
+	    !(ctx->family == MI_AF_INET6 && mi_is_v4mapped(ctx->local_ip6[0], ctx->local_ip6[1], ctx->local_ip6[2])))
 		return 1;
 	switch (ctx->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:

@@ -28,6 +28,7 @@
 #define MI_E_PROTO (-93)      /* -EPROTONOSUPPORT: not IPv4/TCP */
 
 #define MI_AF_INET 2
+#define MI_AF_INET6 10
 #define MI_IPPROTO_TCP 6
 #define MI_SOL_IP 0
 #define MI_SO_ORIGINAL_DST 80
@@ -49,6 +50,13 @@
 static __always_inline int mi_is_loopback(__be32 ip)
 {
 	return (mi_ntohl(ip) & 0xff000000u) == MI_LOOPBACK_NET;
+}
+
+/* An AF_INET6 socket carrying IPv4 (a dual-stack listener's accepted socket, or a client of
+ * ::ffff:a.b.c.d): its IPv4 view (src_ip4, local_ip4, ...) is the connection's real address. */
+static __always_inline int mi_is_v4mapped(__u32 w0, __u32 w1, __u32 w2)
+{
+	return w0 == 0 && w1 == 0 && w2 == mi_htonl(0x0000ffffu);
 }
 
 /* Keep clang from turning an index into a pointer walk the verifier cannot bound. */
