@@ -163,11 +163,20 @@ def _spec_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_session
 def enable(session, mode, netns, dry_run, as_json, **spec_options):
-    """Intercept a network namespace's TCP traffic through its sidecar.
+    """Intercept a network namespace's TCP traffic through its sidecar, IPv4 and IPv6.
 
     Idempotent: enabling again with the same options changes nothing; with different
     options the namespace's interception is replaced atomically. A failed enable leaves
     the namespace as it was.
+
+    \b
+    Sidecar contract (the same in every mode):
+      outbound IPv4 lands on 127.0.0.1:OUT, IPv6 on [::1]:OUT; inbound on the IN port of
+      the pod address it was sent to. Listen on [::] (dual-stack) or on both families.
+      Original destination: getsockopt(SOL_IP, SO_ORIGINAL_DST) for an IPv4 connection,
+      also on an AF_INET6 socket holding it v4-mapped (an app's AF_INET6 socket to
+      ::ffff:a.b.c.d is IPv4 and is intercepted as IPv4); getsockopt(SOL_IPV6,
+      IP6T_SO_ORIGINAL_DST) (optname 80, level 41) for an IPv6 one.
 
     \b
     Examples:

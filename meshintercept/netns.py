@@ -185,6 +185,18 @@ def run_forked(fn: Callable, *args):
     raise MeshInterceptError(value.splitlines()[0] + " (in the target namespace)") from RuntimeError(value)
 
 
+def ipv6_unavailable() -> Optional[str]:
+    """Why the *current* namespace cannot carry IPv6 (a sentence), or None when it can."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/disable_ipv6") as f:
+            disabled = f.read().strip() == "1"
+    except FileNotFoundError:
+        return "the kernel has no IPv6 (booted with ipv6.disable=1 or built without it)"
+    if disabled:
+        return "IPv6 is disabled in the namespace (net.ipv6.conf.all.disable_ipv6=1)"
+    return None
+
+
 def current() -> Netns:
     return Netns.parse("/proc/self/ns/net")
 

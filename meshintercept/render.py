@@ -64,6 +64,8 @@ def _spec_lines(spec: dict) -> list:
         lines.append(f"excluded inbound ports: {_ports(spec['exclude_inbound_ports'])}")
     if spec["include_inbound_ports"]:
         lines.append(f"only inbound ports: {_ports(spec['include_inbound_ports'])}")
+    if spec.get("families"):
+        lines.append("families asked for: " + ", ".join(spec["families"]))
     flags = [name for name in ("debug", "accelerate") if spec.get(name)]
     if flags:
         lines.append("flags: " + ", ".join(flags))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Iterable, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 from meshintercept.errors import UsageError
 
@@ -183,6 +183,20 @@ class InterceptSpec:
     def wants(self, family: str) -> bool:
         """Whether this spec asks for ``family`` (``ipv4``/``ipv6``); an empty list asks for both."""
         return not self.families or family in self.families
+
+    def effective_families(self, ipv6_unavailable: Optional[str]) -> Tuple[Tuple[str, ...], List[str]]:
+        """The families to intercept in a namespace, and notes on the ones left out.
+
+        ``ipv6_unavailable`` is the namespace's reason it has no IPv6 (`netns.ipv6_unavailable`).
+        Asked for by default, a missing IPv6 is a note; asked for by name, an error (nothing applied).
+        """
+        if ipv6_unavailable is None or not self.wants("ipv6"):
+            return tuple(f for f in FAMILIES if self.wants(f)), []
+        if "ipv6" in self.families:
+            raise UsageError(f"--family ipv6 was asked for but {ipv6_unavailable}; enable IPv6 there or "
+                             "drop --family ipv6.")
+        families = tuple(f for f in FAMILIES if f != "ipv6" and self.wants(f))
+        return families, [f"IPv6 is not intercepted: {ipv6_unavailable}."]
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -58,6 +58,9 @@ def assert_nothing_changed(env, ns):
         (["--exclude-outbound-port", "22,x"], ["'x' is not a number"]),
         (["--exclude-outbound-cidr", "10.0.0.0/33"], ["not a valid CIDR"]),
         (["--exclude-outbound-cidr", "nonsense"], ["not a valid CIDR"]),
+        (["--exclude-outbound-cidr", "fd00:231::zz/64"], ["not a valid CIDR"]),
+        (["--exclude-outbound-cidr", "10.0.0.0/8,::/0"], ["every IPv6 connection", "--family ipv4"]),
+        (["--family", "ipv5"], ["family 'ipv5'"]),
         (["--inbound-port", "15001"], ["both 15001"]),
         (["--proxy-uid", "-5"], ["proxy UID"]),
     ],
@@ -111,3 +114,10 @@ def test_not_root_is_refused(node_env, netns_name):
         env=env, capture_output=True, text=True, timeout=60)
     assert_one_sentence(proc, ExitStatus.NOT_PERMITTED, "needs root")
     assert_nothing_changed(node_env, netns_name)
+
+
+def test_a_family_the_namespace_lacks_is_refused_and_nothing_applied(node, node_env):
+    pod = node.add_pod("v4only", families=("ipv4",))
+    proc = run(["enable", "--mode", "iptables", "--netns", pod.netns.name, "--family", "ipv6"], node_env)
+    assert_one_sentence(proc, ExitStatus.USAGE, "--family ipv6", "IPv6 is disabled in the namespace")
+    assert_nothing_changed(node_env, pod.netns.name)

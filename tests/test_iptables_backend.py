@@ -8,6 +8,7 @@ answer every connection with their name and what SO_ORIGINAL_DST says.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -51,8 +52,9 @@ def backend(tmp_path) -> IptablesInterceptor:
     return IptablesInterceptor(Node(cgroup="/nonexistent", pin_dir=str(tmp_path / "pins"), state_dir=str(tmp_path / "state")))
 
 
-def record(netns: Netns, spec: InterceptSpec) -> NamespaceRecord:
-    return NamespaceRecord(netns.key, netns.ref, netns.path, netns.name, "iptables", spec)
+def record(netns: Netns, spec: InterceptSpec, extra: dict = None) -> NamespaceRecord:
+    extra = extra if extra is not None else {"families": ["ipv4", "ipv6"]}
+    return NamespaceRecord(netns.key, netns.ref, netns.path, netns.name, "iptables", spec, extra=extra)
 
 
 def sh(netns: Netns, *argv: str, check: bool = True) -> str:
@@ -66,9 +68,12 @@ def legacy_tables(netns: Netns) -> list:
     return sh(netns, "cat", "/proc/net/ip_tables_names").split()
 
 
-def save(netns: Netns) -> list:
-    """iptables-legacy-save -t nat, without its timestamp comments and counters."""
-    return [l for l in sh(netns, "iptables-legacy-save", "-t", "nat").splitlines() if not l.startswith("#")]
+def save(netns: Netns, family: int = 4) -> list:
+    """iptables-legacy-save -t nat (ip6tables- for 6), without its timestamp comments and counters."""
+    tool = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
+    # A stray packet (neighbour discovery on the node's bridge) moves a policy counter.
+    return [re.sub(r"\[\d+:\d+\]$", "[0:0]", l) for l in sh(netns, tool, "-t", "nat").splitlines()
+            if not l.startswith("#")]
 
 
 def ours(lines: list) -> list:
@@ -80,8 +85,20 @@ def ours(lines: list) -> list:
     return out
 
 
-def plan_lines(text: str) -> list:
-    body = [l for l in text.splitlines() if not l.startswith("#")]
+def plan_documents(text: str) -> dict:
+    """The dry run's documents by family: {4: text, 6: text}, each one restore input."""
+    docs, current = {}, []
+    for line in text.splitlines(keepends=True):
+        current.append(line)
+        if line.strip() == "COMMIT":
+            body = "".join(current)
+            docs[6 if "ip6tables" in body.split("*nat", 1)[0] else 4] = body
+            current = []
+    return docs
+
+
+def plan_lines(text: str, family: int = 4) -> list:
+    body = [l for l in plan_documents(text)[family].splitlines() if not l.startswith("#")]
     assert body[0] == "*nat" and body[-1] == "COMMIT"
     return body[1:-1]
 
@@ -146,25 +163,28 @@ def test_plan_changes_nothing(backend, ns):
                         exclude_outbound_cidrs=["10.96.0.0/12", "192.168.1.5", "0.0.0.0/0"]),
 ], ids=["defaults", "everything"])
 def test_applied_rules_equal_the_plan(backend, ns, spec):
-    planned = plan_lines(backend.plan(ns, spec))
-    backend.enable(ns, spec)
-    live = save(ns)
-    assert ours(live) == planned
-    # Our reader renders the table as iptables-legacy-save does, so status shows the truth.
-    assert backend.inspect(record(ns, spec), ns)["rules"] == planned
-    assert backend.inspect(record(ns, spec), ns)["in_place"] is True
+    text = backend.plan(ns, spec)
+    extra = backend.enable(ns, spec)
+    assert extra["families"] == ["ipv4", "ipv6"]
+    for family in (4, 6):
+        assert ours(save(ns, family)) == plan_lines(text, family), family
+    # Our reader renders the tables as iptables-legacy-save does, so status shows the truth.
+    live = backend.inspect(record(ns, spec, extra), ns)
+    assert live["rules"] == plan_lines(text, 4) + [f"ip6tables: {l}" for l in plan_lines(text, 6)]
+    assert live["in_place"] is True and live["families"] == {"ipv4": "captured", "ipv6": "captured"}
 
 
 def test_plan_is_valid_restore_input(backend, make_ns):
     """iptables-legacy-restore --noflush given the dry run builds the same table as enable."""
     spec = InterceptSpec.build(exclude_inbound_ports=["22"], exclude_outbound_cidrs=["10.0.0.0/8"])
     by_tool, by_us = make_ns(), make_ns()
-    text = backend.plan(by_tool, spec)
-    proc = subprocess.run(["ip", "netns", "exec", by_tool.name, "iptables-legacy-restore", "--noflush"],
-                          input=text, text=True, capture_output=True)
-    assert proc.returncode == 0, proc.stderr
+    docs = plan_documents(backend.plan(by_tool, spec))
+    for family, tool in ((4, "iptables-legacy-restore"), (6, "ip6tables-legacy-restore")):
+        proc = subprocess.run(["ip", "netns", "exec", by_tool.name, tool, "--noflush"],
+                              input=docs[family], text=True, capture_output=True)
+        assert proc.returncode == 0, proc.stderr
     backend.enable(by_us, spec)
-    assert save(by_tool) == save(by_us)
+    assert save(by_tool) == save(by_us) and save(by_tool, 6) == save(by_us, 6)
     assert backend.inspect(record(by_tool, spec), by_tool)["in_place"] is True
 
 
@@ -246,11 +266,11 @@ def test_failure_while_building_changes_nothing(backend, ns, monkeypatch):
     before = save(ns)
     real, calls = table.to_iptc, []
 
-    def flaky(iptc, rule):
+    def flaky(iptc, rule, family=4):
         calls.append(rule)
         if len(calls) == 6:
             raise RuntimeError("simulated failure in the middle of the update")
-        return real(iptc, rule)
+        return real(iptc, rule, family)
 
     monkeypatch.setattr(table, "to_iptc", flaky)  # copied into the forked child
     with pytest.raises(Exception, match="simulated failure"):
@@ -319,7 +339,7 @@ def test_doctor_tries_it_for_real_and_warns_about_managed_namespaces(backend, ns
     sh(ns, "iptables-nft", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "1", "-j", "ACCEPT")
     checks = {c.name: c for c in backend.doctor([record(ns, InterceptSpec())])}
     assert checks["python-iptables importable"].ok
-    selftest = checks["legacy nat table redirects"]
+    selftest = checks["legacy nat table redirects (IPv4)"]
     assert selftest.ok, selftest.detail
     assert "SO_ORIGINAL_DST 10.231.255.2:1404" in selftest.detail
     assert "iptables default variant" in checks
@@ -438,3 +458,36 @@ def test_reader_renders_any_rule_as_iptables_save_does(ns):
     live = ns.run(table.read_table)
     assert [r.line for r in live.rules] == expected
     assert live.chains == ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING", "SOME_CHAIN"]
+
+
+def test_a_namespace_without_ipv6_is_intercepted_for_ipv4_with_a_note(backend, node):
+    pod = node.add_pod("v4only", families=("ipv4",))
+    extra = backend.enable(pod.netns, InterceptSpec())
+    assert extra["families"] == ["ipv4"]
+    assert any("IPv6 is not intercepted: IPv6 is disabled in the namespace" in w for w in extra["warnings"])
+    live = backend.inspect(record(pod.netns, InterceptSpec(), extra), pod.netns)
+    assert live["in_place"] is True and live["families"]["ipv4"] == "captured"
+    assert "disable_ipv6=1" in live["families"]["ipv6"]
+    # asked for by name, a family the namespace lacks is refused, and nothing is applied
+    backend.disable(record(pod.netns, InterceptSpec(), extra), pod.netns)
+    before = save(pod.netns)
+    with pytest.raises(UsageError, match="--family ipv6 was asked for but IPv6 is disabled"):
+        backend.enable(pod.netns, InterceptSpec.build(families=["ipv6"]))
+    assert save(pod.netns) == before
+
+
+def test_a_failing_ipv6_commit_puts_ipv4_back(backend, ns, monkeypatch):
+    old = InterceptSpec.build(exclude_outbound_ports=["5432"])
+    extra = backend.enable(ns, old)
+    before = (save(ns), save(ns, 6))
+    real = table.apply
+
+    def ipv6_fails(ruleset, *args, **kwargs):
+        if ruleset.family == 6:
+            raise BackendFailure("simulated: the kernel refused the ip6tables commit")
+        return real(ruleset, *args, **kwargs)
+
+    monkeypatch.setattr(table, "apply", ipv6_fails)  # copied into the forked children
+    with pytest.raises(BackendFailure, match="simulated"):
+        backend.enable(ns, InterceptSpec.build(outbound_port=15021), record(ns, old, extra))
+    assert (save(ns), save(ns, 6)) == before

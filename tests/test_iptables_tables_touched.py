@@ -23,18 +23,19 @@ def ns(node):
     return node.add_pod("t").netns
 
 
-def tables(netns: Netns) -> list:
-    out = subprocess.run(["ip", "netns", "exec", netns.name, "cat", "/proc/net/ip_tables_names"],
-                         capture_output=True, text=True, check=True).stdout
+def tables(netns: Netns, names: str = "ip_tables_names") -> list:
+    # the file is absent until the family's x_tables module is loaded: no table yet
+    out = subprocess.run(["ip", "netns", "exec", netns.name, "cat", f"/proc/net/{names}"],
+                         capture_output=True, text=True).stdout
     return sorted(out.split())
 
 
 def test_enable_status_disable_create_only_the_nat_table(ns, tmp_path):
     backend = IptablesInterceptor(Node(cgroup="/nonexistent", pin_dir=str(tmp_path / "p"), state_dir=str(tmp_path / "s")))
     spec = InterceptSpec.build(exclude_outbound_ports=["22"], include_inbound_ports=["80"])
-    assert tables(ns) == []
-    backend.enable(ns, spec)
-    record = NamespaceRecord(ns.key, ns.ref, ns.path, ns.name, "iptables", spec)
+    assert tables(ns) == [] and tables(ns, "ip6_tables_names") == []
+    extra = backend.enable(ns, spec)
+    record = NamespaceRecord(ns.key, ns.ref, ns.path, ns.name, "iptables", spec, extra=extra)
     assert backend.inspect(record, ns)["in_place"]
     backend.disable(record, ns)
-    assert tables(ns) == ["nat"]
+    assert tables(ns) == ["nat"] and tables(ns, "ip6_tables_names") == ["nat"]

@@ -1,9 +1,10 @@
 """The ``iptables`` mode: nat-table REDIRECT rules inside the pod's namespace.
 
-What osm, Istio, Linkerd and Kuma init containers do, done as one atomic, idempotent
-change of the legacy nat table through python-iptables. The rule layout and its reasons
-are in `iptables_rules`; reading and committing in `iptables_table`; facts about nft rules,
-other meshes and the node in `iptables_probe`.
+What osm, Istio, Linkerd and Kuma init containers do, done as one atomic, idempotent change
+per IP family of the legacy nat tables (iptables and ip6tables) through python-iptables; if
+the second family's commit fails, the first is put back as it was. The rule layout and its
+reasons are in `rules`; reading and committing in `table`; facts about nft rules, other
+meshes and the node in `probe`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from meshintercept.backends.iptables import rules as model
 from meshintercept.backends.iptables import table
 from meshintercept.errors import MeshInterceptError, UsageError
 from meshintercept.interceptor import Check, Interceptor
-from meshintercept.netns import Netns
+from meshintercept.netns import Netns, ipv6_unavailable
 from meshintercept.spec import InterceptSpec
 from meshintercept.state import NamespaceRecord
 
@@ -30,8 +31,6 @@ def check_spec(spec: InterceptSpec) -> None:
     # is accepted and ignored. Acceleration is a sockmap feature with no iptables meaning.
     if spec.accelerate:
         raise UsageError("--accelerate needs --mode ebpf; the iptables mode has no socket acceleration.")
-    if "ipv6" in spec.families:
-        raise UsageError("the iptables mode intercepts IPv4 only so far; drop --family ipv6.")
 
 
 class IptablesInterceptor(Interceptor):
@@ -44,13 +43,35 @@ class IptablesInterceptor(Interceptor):
 
     # --- enable / disable --------------------------------------------------------------------
     def enable(self, netns: Netns, spec: InterceptSpec, previous: Optional[NamespaceRecord] = None) -> dict:
+        """One commit per family, each in its own forked child (see the note above
+        `_enable_facts`); a family that fails puts the ones before it back as they were."""
         check_spec(spec)
-        ruleset = model.build(spec)
         _preload()
-        summary = netns.run(_enable_inside, ruleset, _where(netns))
-        extra = {"table": model.TABLE, "backend": TABLE_BACKEND, "chains": list(ruleset.chains),
-                 "rules": len(ruleset.rules)}
-        warnings = probe.warnings_for(netns.name, summary["facts"])
+        where = _where(netns)
+        no_ipv6 = netns.run(ipv6_unavailable)
+        families, notes = spec.effective_families(no_ipv6)
+        previous_families = previous.extra.get("families", ["ipv4"]) if previous else []
+        done: List[int] = []
+        foreign: List[str] = []
+        try:
+            for version in (4, 6):
+                if FAMILY[version] in families:
+                    summary = netns.run(table.apply, model.build(spec, version), where, None, _enable_facts)
+                    foreign += summary["foreign_redirects"]
+                    done.append(version)
+            for version in (4, 6):  # a family the new spec no longer intercepts
+                if FAMILY[version] not in families:
+                    netns.run(table.remove, where, None, version)
+        except BaseException:
+            for version in done:
+                if previous is not None and FAMILY[version] in previous_families:
+                    netns.run(table.apply, model.build(previous.spec, version), where)
+                else:
+                    netns.run(table.remove, where, None, version)
+            raise
+        extra = {"table": model.TABLE, "backend": TABLE_BACKEND, "chains": sorted(model.OWN_CHAINS),
+                 "rules": sum(len(model.build(spec, v).rules) for v in done), "families": list(families)}
+        warnings = notes + probe.warnings_for(netns.name, {"foreign_redirects": foreign})
         if warnings:
             extra["warnings"] = warnings
         return extra
@@ -60,28 +81,39 @@ class IptablesInterceptor(Interceptor):
         if netns is None or not netns.exists():
             return
         _preload()
-        netns.run(table.remove, _where(netns))
+        for version in (4, 6):
+            netns.run(table.remove, _where(netns), None, version)
 
     # --- looking -----------------------------------------------------------------------------
     def inspect(self, record: NamespaceRecord, netns: Optional[Netns]) -> dict:
         base = {"backend": TABLE_BACKEND, "table": model.TABLE}
         if netns is None or not netns.exists():
             return dict(base, in_place=False, present=False, rules=[], nft_rules_present=None,
-                        foreign_redirects=[], counters={})
+                        foreign_redirects=[], counters={}, families={})
         _preload()
-        facts = netns.run(probe.namespace_facts)
-        live: table.LiveTable = facts.pop("live")
-        wanted = model.build(record.spec).lines()
-        have = live.our_lines()
-        out = dict(base, present=True, in_place=have == wanted, rules=have)
-        if have != wanted:
-            out["missing"] = [l for l in wanted if l not in have]
-            out["unexpected"] = [l for l in have if l not in wanted]
-        out["counters"] = _counters(live)
+        facts = probe.namespace_facts(netns)
+        lives = facts.pop("live")
+        recorded = record.extra.get("families") or ["ipv4"]
+        families, have_all, wanted_all, in_place = {}, [], [], True
+        for version in (4, 6):
+            family = FAMILY[version]
+            live: table.LiveTable = lives[version]
+            have = live.our_lines()
+            wanted = model.build(record.spec, version).lines() if family in recorded else []
+            have_all += _tagged(version, have)
+            wanted_all += _tagged(version, wanted)
+            in_place = in_place and have == wanted
+            families[family] = ("captured" if wanted and have == wanted else "not in place" if wanted
+                                else facts["family_notes"].get(family, "not asked for"))
+        out = dict(base, present=True, in_place=in_place, rules=have_all, families=families)
+        if have_all != wanted_all:
+            out["missing"] = [l for l in wanted_all if l not in have_all]
+            out["unexpected"] = [l for l in have_all if l not in wanted_all]
+        out["counters"] = _counters(lives)
         out["nft_rules_present"] = facts["nft_rules_present"]
         out["nft_rules"] = facts["nft_rules"]
         out["foreign_redirects"] = facts["foreign_redirects"]
-        refs = live.foreign_references()
+        refs = lives[4].foreign_references() + lives[6].foreign_references()
         if refs:
             out["foreign_references"] = [r.line for r in refs]
         warnings = probe.warnings_for(netns.name, facts)
@@ -90,14 +122,21 @@ class IptablesInterceptor(Interceptor):
         return out
 
     def plan(self, netns: Netns, spec: InterceptSpec) -> str:
+        """One iptables-save document per family, each accepted as is by ``<tool>-legacy-restore --noflush``."""
         check_spec(spec)
-        ruleset = model.build(spec)
-        header = [f"meshintercept plan for namespace {netns.name}: legacy nat table, applied in one commit",
-                  "(iptables-legacy-restore --noflush accepts this document as is)"]
-        current = _current_state(netns, ruleset)
-        if current:
-            header.append(current)
-        return ruleset.render(header)
+        unavailable = netns.run(ipv6_unavailable) if os.geteuid() == 0 else None
+        families, notes = spec.effective_families(unavailable)
+        docs = []
+        for family in families:
+            ruleset = model.build(spec, VERSION[family])
+            header = [f"meshintercept plan for namespace {netns.name}: legacy {ruleset.tool} nat table, "
+                      "applied in one commit",
+                      f"({ruleset.tool}-legacy-restore --noflush accepts this document as is)"]
+            current = _current_state(netns, ruleset)
+            if current:
+                header.append(current)
+            docs.append(ruleset.render(header + [f"note: {n}" for n in notes if ruleset.family == 4]))
+        return "".join(docs)
 
     # --- node ----------------------------------------------------------------------------------
     def teardown(self) -> List[str]:
@@ -117,29 +156,40 @@ class IptablesInterceptor(Interceptor):
             fix="" if reason is None else "apt-get install python3-iptables iptables",
         ))
         if reason is None:
-            checks.append(self._self_test_check())
+            checks.extend(self._self_test_checks())
         checks.append(_variant_check())
         checks.extend(self._managed_namespace_checks(records))
         return checks
 
-    def _self_test_check(self) -> Check:
-        name = "legacy nat table redirects"
-        spec = InterceptSpec()
+    def _self_test_checks(self) -> List[Check]:
+        """The real rules in a throwaway namespace, one connection per family. IPv6 failing is a
+        warning: IPv4 interception works without it, and enable says IPv6 is not captured."""
+        names = {4: "legacy nat table redirects (IPv4)", 6: "legacy nat table redirects (IPv6, ip6tables)"}
+        fixes = {4: "load iptable_nat and xt_REDIRECT (modprobe iptable_nat xt_REDIRECT), run as root",
+                 6: "load ip6table_nat (modprobe ip6table_nat); IPv6 pods are otherwise not intercepted"}
         try:
-            result = probe.self_test(spec)
+            results = probe.self_test(InterceptSpec())
         except MeshInterceptError as exc:
-            return Check(name, False, detail=exc.message,
-                         fix="load iptable_nat and xt_REDIRECT (modprobe iptable_nat xt_REDIRECT), run as root")
-        want = "10.231.255.2:1404"
-        ok = result.get("original_dst") == want and result.get("rules_match_plan")
-        detail = (f"in a throwaway namespace a connection to {want} reached port {result.get('redirected_to')} "
-                  f"with SO_ORIGINAL_DST {result.get('original_dst')}")
-        if not result.get("rules_match_plan"):
-            detail += "; the applied rules differ from the plan"
-        if result.get("error"):
-            detail += f"; {result['error']}"
-        return Check(name, bool(ok), detail=detail,
-                     fix="" if ok else "check that the kernel has iptable_nat, xt_REDIRECT, xt_owner and nf_conntrack")
+            return [Check(names[4], False, detail=exc.message, fix=fixes[4])]
+        checks = []
+        for version in (4, 6):
+            result = results[version]
+            if "skipped" in result:
+                checks.append(Check(names[version], True, warning=True, detail=f"not tried: {result['skipped']}",
+                                    fix="IPv6 pods are not intercepted while IPv6 is off"))
+                continue
+            want = "10.231.255.2:1404" if version == 4 else "[fd00:231:ffff::2]:1404"
+            ok = result.get("original_dst") == want and result.get("rules_match_plan")
+            asked = "SO_ORIGINAL_DST" if version == 4 else "IP6T_SO_ORIGINAL_DST"
+            detail = (f"in a throwaway namespace a connection to {want} reached port {result.get('redirected_to')} "
+                      f"with {asked} {result.get('original_dst')}")
+            if not result.get("rules_match_plan"):
+                detail += "; the applied rules differ from the plan"
+            if result.get("error"):
+                detail += f"; {result['error']}"
+            checks.append(Check(names[version], bool(ok), detail=detail, warning=version == 6 and not ok,
+                                fix="" if ok else fixes[version]))
+        return checks
 
     def _managed_namespace_checks(self, records: List[NamespaceRecord]) -> List[Check]:
         checks = []
@@ -185,23 +235,30 @@ def _where(netns: Netns) -> str:
     return f"namespace {netns.name}"
 
 
-def _enable_inside(ruleset: model.Ruleset, where: str) -> dict:
-    # Others' redirect rules come from the table read for the commit itself. The nft probe
-    # (a subprocess, ~3 ms) is left to status and doctor, which are where the issue asks
-    # for it: enable stays one table read and one commit.
-    return table.apply(ruleset, where, observe=_enable_facts)
+VERSION = {"ipv4": 4, "ipv6": 6}
+FAMILY = {4: "ipv4", 6: "ipv6"}
+
+
+# Why one forked child per family: libxtables registers an extension only for the family it
+# is loaded for (libxt_REDIRECT.so holds the IPv4 and the IPv6 REDIRECT), and a library loaded
+# once in a process is never loaded again, so a process that built IPv4 rules cannot build or
+# read IPv6 ones. The parent never loads extensions; each child loads them for its family.
 
 
 def _enable_facts(live: table.LiveTable) -> dict:
-    return {"facts": {"foreign_redirects": probe.foreign_redirects(live)}}
+    return {"foreign_redirects": probe.foreign_redirects(live)}
 
 
-def _counters(live: table.LiveTable) -> dict:
-    """Packets/bytes through our REDIRECT rules: NAT sees only a connection's first packet,
-    so ``packets`` is the number of connections redirected."""
+def _tagged(version: int, lines: List[str]) -> List[str]:
+    return lines if version == 4 else [f"ip6tables: {line}" for line in lines]
+
+
+def _counters(lives: dict) -> dict:
+    """Packets/bytes through our REDIRECT rules, both families: NAT sees only a connection's
+    first packet, so ``packets`` is the number of connections redirected."""
     out = {}
     for label, chain in (("inbound", model.IN_REDIRECT), ("outbound", model.OUT_REDIRECT)):
-        rules = [r for r in live.rules if r.chain == chain and r.target == "REDIRECT"]
+        rules = [r for live in lives.values() for r in live.rules if r.chain == chain and r.target == "REDIRECT"]
         out[label] = {"packets": sum(r.packets for r in rules), "bytes": sum(r.bytes for r in rules)}
     return out
 
@@ -211,7 +268,7 @@ def _current_state(netns: Netns, ruleset: model.Ruleset) -> Optional[str]:
     if os.geteuid() != 0:
         return None
     try:
-        live = netns.run(table.read_table)
+        live = netns.run(table.read_table, model.TABLE, ruleset.family)
     except MeshInterceptError:
         return None
     have, wanted = live.our_lines(), ruleset.lines()

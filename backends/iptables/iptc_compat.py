@@ -41,7 +41,7 @@ def missing_reason() -> Optional[str]:
         return ("python-iptables is not installed; install Debian's python3-iptables (apt-get install "
                 "python3-iptables) and use a venv with --system-site-packages, or pip install python-iptables "
                 "with a C compiler present.")
-    for lib in ("xtables", "ip4tc"):
+    for lib in ("xtables", "ip4tc", "ip6tc"):
         if ctypes.util.find_library(lib) is None:
             return (f"the iptables library lib{lib} is not installed; install the iptables package "
                     "(apt-get install iptables).")
@@ -176,18 +176,23 @@ def _only_existing_tables(iptc) -> None:
     the namespace, and from then on every packet of the pod runs through its empty hooks
     (bench/ saw ipt_do_table in pods that had only ever had our nat rules). A user chain can
     only live in a table that already exists, so looking at those alone gives the same answer.
+    The same holds for ip6tables' ``Rule6.tables``.
     """
-    ip4 = iptc.ip4tc
+    for rule_cls, table_cls, names_file in ((iptc.ip4tc.Rule, iptc.ip4tc.Table, "ip_tables_names"),
+                                            (iptc.ip6tc.Rule6, iptc.ip6tc.Table6, "ip6_tables_names")):
+        def tables(rule, table_cls=table_cls, names_file=names_file):
+            return [table_cls(name) for name in table_cls.ALL if name in present_tables(names_file)]
 
-    def tables(rule):
-        try:
-            with open("/proc/thread-self/net/ip_tables_names") as f:
-                present = set(f.read().split())
-        except OSError:
-            present = set()
-        return [ip4.Table(name) for name in ip4.Table.ALL if name in present]
+        rule_cls.tables = property(tables)
 
-    ip4.Rule.tables = property(tables)
+
+def present_tables(names_file: str) -> set:
+    """Tables this namespace has instantiated (``ip_tables_names`` / ``ip6_tables_names``)."""
+    try:
+        with open(f"/proc/thread-self/net/{names_file}") as f:
+            return set(f.read().split())
+    except OSError:  # the family's x_tables module is not loaded: no table exists yet
+        return set()
 
 
 _PROTOCOLS: dict = {}

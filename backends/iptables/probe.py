@@ -23,9 +23,11 @@ from typing import List, Optional
 
 from meshintercept.backends.iptables import rules as model
 from meshintercept.backends.iptables import table
-from meshintercept.netns import Netns, run_forked
+from meshintercept.errors import MeshInterceptError
+from meshintercept.netns import Netns, ipv6_unavailable, run_forked
 
 SOL_IP = 0
+SOL_IPV6 = 41
 SO_ORIGINAL_DST = 80
 CLONE_NEWNET = 0x40000000
 NFT_REDIRECT_KEYS = ("redirect", "tproxy")
@@ -100,12 +102,23 @@ def _nft_redirect_kind(rule: dict) -> Optional[str]:
     return None
 
 
-def namespace_facts() -> dict:
-    """Everything status needs about the current namespace, in one pass, changing nothing."""
-    live = table.read_table()
-    facts = {"nat_table_exists": live.exists, "live": live, "foreign_redirects": foreign_redirects(live)}
-    facts.update(nft_facts())
-    facts["foreign_redirects"] = facts["foreign_redirects"] + facts["nft_redirects"]
+def _other_facts() -> dict:
+    """In the namespace: nft rules, and why IPv6 cannot be intercepted there (if it cannot)."""
+    facts = nft_facts()
+    no_ipv6 = ipv6_unavailable()
+    facts["family_notes"] = {"ipv6": no_ipv6} if no_ipv6 else {}
+    return facts
+
+
+def namespace_facts(netns: Netns) -> dict:
+    """Everything status needs about a namespace, changing nothing: both families' nat tables
+    (``live``: {4: LiveTable, 6: LiveTable}; one forked child each, as libxtables needs), why
+    a family cannot be intercepted (``family_notes``), other redirecting rules, nft rules."""
+    lives = {version: netns.run(table.read_table, model.TABLE, version) for version in (4, 6)}
+    facts = netns.run(_other_facts)
+    facts.update(nat_table_exists=lives[4].exists, live=lives)
+    facts["foreign_redirects"] = (foreign_redirects(lives[4]) + [f"ip6tables: {line}" for line in
+                                                                 foreign_redirects(lives[6])] + facts["nft_redirects"])
     return facts
 
 
@@ -115,7 +128,7 @@ def namespace_conflicts(netns: Netns) -> dict:
     Returns ``{"nft_rules_present": bool|None, "nft_rules": int|None, "foreign_redirects": [...],
     "warnings": [...]}``; ``warnings`` holds ready-to-print sentences (empty when clean).
     """
-    facts = netns.run(namespace_facts)
+    facts = namespace_facts(netns)
     facts.pop("live", None)
     facts["warnings"] = warnings_for(netns.name, facts)
     return facts
@@ -155,53 +168,81 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 
 def original_dst(sock: socket.socket):
-    """The destination a redirected connection had before NAT: (ip, port)."""
+    """The destination a redirected connection had before NAT: (ip, port); IPv6 connections
+    are asked at SOL_IPV6 (IP6T_SO_ORIGINAL_DST, the same optname)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
+        port, packed = struct.unpack_from("!2xH4x16s", raw)
+        return socket.inet_ntop(socket.AF_INET6, packed), port
     raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(packed), port
 
 
+#: Where the self-test connects: addresses of the lab ranges that nothing answers unless redirected.
+SELF_TEST = {4: ("10.231.255.1", 30, "10.231.255.2", "127.0.0.1"),
+             6: ("fd00:231:ffff::1", 64, "fd00:231:ffff::2", "::1")}
+
+
 def self_test(spec) -> dict:
-    """Apply the real rules in a new, private namespace and push one connection through them.
+    """Apply the real rules (both families) in a new, private namespace and push one connection
+    per family through them: ``{4: result, 6: result}``.
 
     The namespace exists only while a forked child lives (unshare), holds one veth pair with
-    an address from 10.231.0.0/16 and no route anywhere else, and vanishes with the child.
+    addresses from 10.231.0.0/16 and fd00:231::/48 and no route anywhere else, and vanishes
+    with the child.
     """
-    return run_forked(_self_test_inside, spec)
+    return {version: run_forked(_self_test_inside, spec, version) for version in (4, 6)}
 
 
-def _self_test_inside(spec) -> dict:
+def _self_test_inside(spec, version: int) -> dict:
     if _libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
     from pyroute2 import IPRoute
 
+    no_ipv6 = ipv6_unavailable()
+    if no_ipv6 is None:  # static addresses usable at once: no duplicate address detection
+        for conf in ("all", "default"):
+            with open(f"/proc/sys/net/ipv6/conf/{conf}/accept_dad", "w") as f:
+                f.write("0")
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         ipr.link("add", ifname="mi-st0", kind="veth", peer="mi-st1")
         idx = ipr.link_lookup(ifname="mi-st0")[0]
-        ipr.addr("add", index=idx, address="10.231.255.1", prefixlen=30)
+        addr, plen, _target, _lo = SELF_TEST[version]
+        if version == 4 or no_ipv6 is None:
+            ipr.addr("add", index=idx, address=addr, prefixlen=plen)
         ipr.link("set", index=idx, state="up")
         ipr.link("set", index=ipr.link_lookup(ifname="mi-st1")[0], state="up")
+    if version == 6 and no_ipv6 is not None:
+        return {"skipped": no_ipv6}
+    try:
+        return _self_test_family(spec, version)
+    except MeshInterceptError as exc:
+        return {"error": exc.message, "rules_match_plan": False, "original_dst": None}
 
-    ruleset = model.build(spec)
+
+def _self_test_family(spec, version: int) -> dict:
+    ruleset = model.build(spec, version)
     table.apply(ruleset, "a throwaway namespace")
-    live = table.read_table()
+    live = table.read_table(model.TABLE, version)
     result = {"rules_match_plan": live.our_lines() == ruleset.lines(), "redirected_to": None, "original_dst": None}
-
-    server = socket.socket()
+    _addr, _plen, target, loopback = SELF_TEST[version]
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    server = socket.socket(family)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("127.0.0.1", spec.outbound_port))
+    server.bind((loopback, spec.outbound_port))
     server.listen(1)
     server.settimeout(3)
-    client = socket.socket()
+    client = socket.socket(family)
     client.settimeout(3)
     try:
-        client.connect(("10.231.255.2", 1404))  # TEST address, unreachable unless redirected
+        client.connect((target, 1404))  # unreachable unless redirected
         conn, _ = server.accept()
         result["redirected_to"] = conn.getsockname()[1]
         ip, port = original_dst(conn)
-        result["original_dst"] = f"{ip}:{port}"
+        result["original_dst"] = f"{ip}:{port}" if version == 4 else f"[{ip}]:{port}"
         conn.close()
     except OSError as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"

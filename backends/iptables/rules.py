@@ -5,14 +5,19 @@ One model feeds both the dry run (rendered as an ``iptables-save`` / ``iptables-
 ``--dry-run`` prints is, line for line, what ``iptables-legacy-save -t nat`` shows afterwards.
 Nothing here touches the kernel.
 
-Layout (all TCP; every rule carries a ``meshintercept:`` comment)::
+Layout (all TCP; every rule carries a ``meshintercept:`` comment), the same in the IPv4 nat
+table (iptables) and the IPv6 one (ip6tables)::
 
     PREROUTING -> MI_INBOUND:  proxy ports RETURN, excluded ports RETURN,
                                (included ports | everything) -> MI_IN_REDIRECT
-    OUTPUT     -> MI_OUTPUT:   proxy UID RETURN, 127.0.0.0/8 RETURN, excluded CIDRs and
-                               ports RETURN, everything else -> MI_OUT_REDIRECT
+    OUTPUT     -> MI_OUTPUT:   proxy UID RETURN, 127.0.0.0/8 (::1/128) RETURN, excluded CIDRs
+                               of the family and ports RETURN, everything else -> MI_OUT_REDIRECT
     MI_IN_REDIRECT:  REDIRECT --to-ports <inbound port>
     MI_OUT_REDIRECT: REDIRECT --to-ports <outbound port>
+
+An AF_INET6 socket connected to a v4-mapped address sends IPv4 packets: the IPv4 table
+intercepts it, and its CIDR exclusions apply. ip6tables' REDIRECT sends outbound to [::1]
+and inbound to the address the connection came in on, so the sidecar listens on [::].
 
 The app calling its own pod address (hairpin, leaves through ``lo``) is outbound traffic
 like any other: the outbound proxy gets it and forwards it, as the proxy UID, straight to
@@ -112,10 +117,15 @@ class Rule:
 
 @dataclass(frozen=True)
 class Ruleset:
-    """Our chains and rules for one spec, in ``iptables-save`` order."""
+    """Our chains and rules for one spec and IP family, in ``iptables-save`` order."""
 
     chains: Tuple[str, ...]
     rules: Tuple[Rule, ...]
+    family: int = 4
+
+    @property
+    def tool(self) -> str:
+        return "iptables" if self.family == 4 else "ip6tables"
 
     def chain_rules(self, chain: str) -> List[Rule]:
         return [r for r in self.rules if r.chain == chain]
@@ -130,7 +140,8 @@ class Ruleset:
         return [chain_declaration(c) for c in self.chains] + [r.save() for r in self.rules]
 
     def render(self, header: Sequence[str] = ()) -> str:
-        """A complete document; ``iptables-legacy-restore --noflush`` accepts it as is."""
+        """A complete document; ``iptables-legacy-restore --noflush`` (``ip6tables-`` for IPv6)
+        accepts it as is."""
         out = [f"# {line}" for line in header]
         out.append(f"*{TABLE}")
         out.extend(self.lines())
@@ -171,8 +182,12 @@ def _ports_phrase(match: Match) -> str:
     return "ports " + ", ".join(ports) + " go"
 
 
-def build(spec: InterceptSpec) -> Ruleset:
-    """The complete rule set for a spec. Pure: same spec, same rules, same order."""
+LOOPBACK = {4: "127.0.0.0/8", 6: "::1/128"}
+
+
+def build(spec: InterceptSpec, family: int = 4) -> Ruleset:
+    """The complete rule set for a spec in one IP family's table. Pure: same spec, same rules,
+    same order."""
     proxy_ports = set(spec.proxy_ports)
     rules: List[Rule] = [
         Rule("PREROUTING", INBOUND, "inbound TCP is checked by MI_INBOUND"),
@@ -200,8 +215,8 @@ def build(spec: InterceptSpec) -> Ruleset:
     # Outbound.
     rules.append(Rule(OUTPUT, "RETURN", f"connections of the proxy (uid {spec.proxy_uid}) go direct",
                       matches=(Match("owner", "uid-owner", str(spec.proxy_uid)),)))
-    rules.append(Rule(OUTPUT, "RETURN", "loopback destinations go direct", dst="127.0.0.0/8"))
-    for net in spec.cidrs(4):
+    rules.append(Rule(OUTPUT, "RETURN", "loopback destinations go direct", dst=LOOPBACK[family]))
+    for net in spec.cidrs(family):
         # iptables-save omits a /0 destination (it matches everything), so we do too.
         dst = str(net) if net.prefixlen else None
         rules.append(Rule(OUTPUT, "RETURN", f"excluded outbound CIDR {net} goes direct", dst=dst))
@@ -214,7 +229,7 @@ def build(spec: InterceptSpec) -> Ruleset:
     order = {name: i for i, name in enumerate(BUILTIN_CHAINS + chains)}
     # iptables-save prints chain by chain: built-ins in hook order, then user chains by name.
     rules.sort(key=lambda r: order[r.chain])  # stable: keeps rule order inside a chain
-    return Ruleset(chains=chains, rules=tuple(rules))
+    return Ruleset(chains=chains, rules=tuple(rules), family=family)
 
 
 def is_foreign_mesh_chain(chain: str) -> bool:

@@ -1,4 +1,5 @@
-"""Read and change the legacy nat table of the *current* network namespace with python-iptables.
+"""Read and change the legacy nat tables (iptables and ip6tables) of the *current* network
+namespace with python-iptables.
 
 Everything here runs inside the target namespace, in a process forked for that purpose
 (`Netns.run`): libiptc caches a whole table per process, and that cache must never hold
@@ -33,8 +34,29 @@ COMMIT_ATTEMPTS = 3
 
 IPT_INV_VIA_IN, IPT_INV_VIA_OUT = 0x01, 0x02
 IPT_INV_SRCIP, IPT_INV_DSTIP = 0x08, 0x10
-IPT_INV_FRAG, IPT_INV_PROTO = 0x20, 0x40
+IPT_INV_FRAG, IPT_INV_PROTO = 0x20, 0x40  # the same bits in ip6t_ip6
 IPT_F_FRAG = 0x01
+IP6T_F_PROTO = 0x01
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between iptables (4) and ip6tables (6) for us."""
+
+    version: int
+    names_file: str  # /proc/net/<names_file>: the tables a namespace has instantiated
+    tool: str  # the matching legacy tool, for messages
+    module: str  # the kernel module of its nat table
+
+    def table(self, iptc, name: str):
+        return (iptc.Table if self.version == 4 else iptc.Table6)(name, autocommit=False)
+
+    def rule(self, iptc):
+        return iptc.Rule() if self.version == 4 else iptc.Rule6()
+
+
+FAMILIES = {4: Family(4, "ip_tables_names", "iptables-legacy", "iptable_nat"),
+            6: Family(6, "ip6_tables_names", "ip6tables-legacy", "ip6table_nat")}
 
 
 
@@ -58,6 +80,7 @@ class LiveRule:
 class LiveTable:
     name: str
     exists: bool
+    family: int = 4
     #: Chain names in libiptc order (built-ins first, then user chains by name).
     chains: List[str] = field(default_factory=list)
     rules: List[LiveRule] = field(default_factory=list)
@@ -77,42 +100,40 @@ class LiveTable:
         return [r for r in self.rules if not r.ours and r.target in model.OWN_CHAINS]
 
 
-def table_exists(name: str = model.TABLE) -> bool:
+def table_exists(name: str = model.TABLE, family: int = 4) -> bool:
     """Whether the namespace has instantiated this legacy table, without instantiating it.
 
     Opening a table with libiptc creates it in the namespace; status and dry runs must
     change nothing, so they ask /proc first.
     """
-    try:
-        with open("/proc/thread-self/net/ip_tables_names") as f:
-            return name in f.read().split()
-    except FileNotFoundError:  # ip_tables not loaded at all
-        return False
+    return name in compat.present_tables(FAMILIES[family].names_file)
 
 
-def read_table(name: str = model.TABLE) -> LiveTable:
-    if not table_exists(name):
-        return LiveTable(name=name, exists=False)
+def read_table(name: str = model.TABLE, family: int = 4) -> LiveTable:
+    if not table_exists(name, family):
+        return LiveTable(name=name, exists=False, family=family)
     iptc = compat.load()
-    table = _open(iptc, name)
-    return _read(table, name)
+    table = _open(iptc, name, family)
+    return _read(table, name, family)
 
 
-def _open(iptc, name: str):
+def _open(iptc, name: str, family: int = 4):
+    fam = FAMILIES[family]
     try:
-        table = iptc.Table(name, autocommit=False)
+        table = fam.table(iptc, name)
         table.autocommit = False
         table.refresh()
         return table
     except iptc.IPTCError as exc:
         raise EnvironmentMissing(
-            f"the kernel's legacy iptables {name} table is not usable here ({_reason(exc)}); "
-            f"load it with 'modprobe iptable_{name}' (kernels from 6.x need CONFIG_IP_NF_IPTABLES_LEGACY)."
+            f"the kernel's legacy {fam.tool.split('-')[0]} {name} table is not usable here ({_reason(exc)}); "
+            f"load it with 'modprobe {fam.module}' (kernels from 6.x need CONFIG_IP{'6' if family == 6 else ''}"
+            "_NF_IPTABLES_LEGACY)."
         ) from None
 
 
-def _read(table, name: str) -> LiveTable:
-    out = LiveTable(name=name, exists=True)
+def _read(table, name: str, family: int = 4) -> LiveTable:
+    out = LiveTable(name=name, exists=True, family=family)
     for chain in table.chains:
         out.chains.append(chain.name)
         for rule in chain.rules:
@@ -133,7 +154,8 @@ def render_rule(chain: str, rule) -> Tuple[str, Optional[str]]:
     The match and target parts come from the extensions' own save functions (the code
     iptables-save calls), so any rule, ours or not, renders as the real tool shows it.
     """
-    ip = rule.entry.ip
+    v6 = hasattr(rule.entry, "ipv6")
+    ip = rule.entry.ipv6 if v6 else rule.entry.ip
     parts = [f"-A {chain}"]
     for letter, text in (("s", rule.src), ("d", rule.dst)):
         addr = _render_addr(letter, text)
@@ -143,10 +165,10 @@ def render_rule(chain: str, rule) -> Tuple[str, Optional[str]]:
         if iface:
             inv = iface.startswith("!")
             parts.append(f"{'! ' if inv else ''}-{letter} {iface.lstrip('!')}")
-    if ip.proto:
+    if ip.proto and (not v6 or ip.flags & IP6T_F_PROTO):
         inv = "! " if ip.invflags & IPT_INV_PROTO else ""
         parts.append(f"{inv}-p {_proto_name(ip.proto)}")
-    if ip.flags & IPT_F_FRAG:
+    if not v6 and ip.flags & IPT_F_FRAG:
         parts.append(("! " if ip.invflags & IPT_INV_FRAG else "") + "-f")
     comment = None
     for match in rule.matches:
@@ -177,6 +199,10 @@ def _saved(module, rule) -> str:
 def _render_addr(letter: str, text: str) -> Optional[str]:
     inv = text.startswith("!")
     addr, _, mask = text.lstrip("!").partition("/")
+    if ":" in addr:  # python-iptables gives IPv6 as addr/prefixlen already
+        if addr == "::" and mask == "0" and not inv:
+            return None
+        return f"{'! ' if inv else ''}-{letter} {addr}/{mask}"
     if addr == "0.0.0.0" and mask == "0.0.0.0" and not inv:
         return None
     try:
@@ -229,7 +255,8 @@ def xtables_lock(timeout: float = None):
 
 def apply(ruleset: model.Ruleset, where: str, lock_timeout: float = None,
           observe: Optional[Callable[["LiveTable"], dict]] = None) -> dict:
-    """Make our part of the nat table equal ``ruleset`` in one commit; leave the rest alone.
+    """Make our part of the ruleset's family's nat table equal ``ruleset`` in one commit;
+    leave the rest alone.
 
     ``observe(live)`` adds facts about the table as read for this commit to the summary
     (others' rules are not changed by our commit, so no second read is needed)."""
@@ -239,22 +266,23 @@ def apply(ruleset: model.Ruleset, where: str, lock_timeout: float = None,
             summary.update(observe(live))
         return summary
 
-    return _change(edit, where, lock_timeout)
+    return _change(edit, where, lock_timeout, ruleset.family)
 
 
-def remove(where: str, lock_timeout: float = None) -> dict:
-    """Remove our chains and jumps in one commit; a no-op when there are none."""
-    if not table_exists():
+def remove(where: str, lock_timeout: float = None, family: int = 4) -> dict:
+    """Remove our chains and jumps from one family's nat table in one commit; a no-op when
+    there are none."""
+    if not table_exists(model.TABLE, family):
         return {"changed": False, "removed": 0}
-    return _change(_strip, where, lock_timeout)
+    return _change(_strip, where, lock_timeout, family)
 
 
-def _change(edit, where: str, lock_timeout: Optional[float]) -> dict:
+def _change(edit, where: str, lock_timeout: Optional[float], family: int = 4) -> dict:
     iptc = compat.load()
     with xtables_lock(lock_timeout):
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            table = _open(iptc, model.TABLE)
-            live = _read(table, model.TABLE)
+            table = _open(iptc, model.TABLE, family)
+            live = _read(table, model.TABLE, family)
             try:
                 summary = edit(table, live)
             except (iptc.IPTCError, iptc.XTablesError) as exc:
@@ -305,7 +333,7 @@ def _reconcile(table, live: LiveTable, ruleset: model.Ruleset) -> dict:
             removed += 1
         for rule in wanted:
             if rule.save() not in seen:
-                chain.append_rule(to_iptc(iptc, rule))
+                chain.append_rule(to_iptc(iptc, rule, ruleset.family))
                 added += 1
 
     # Our own chains: refill only those whose content differs.
@@ -319,7 +347,7 @@ def _reconcile(table, live: LiveTable, ruleset: model.Ruleset) -> dict:
             chain.flush()
             removed += len(have)
         for rule in ruleset.chain_rules(chain_name):
-            chain.append_rule(to_iptc(iptc, rule))
+            chain.append_rule(to_iptc(iptc, rule, ruleset.family))
             added += 1
 
     # Chains of ours the ruleset no longer has (an older layout).
@@ -367,9 +395,9 @@ def _drop_chains(table, live: LiveTable, chains: List[str]) -> int:
     return flushed
 
 
-def to_iptc(iptc, rule: model.Rule):
+def to_iptc(iptc, rule: model.Rule, family: int = 4):
     """The model rule as a python-iptables rule (the same fields `Rule.save` prints)."""
-    out = iptc.Rule()
+    out = FAMILIES[family].rule(iptc)
     if rule.dst:
         out.dst = rule.dst
     if rule.out_iface:

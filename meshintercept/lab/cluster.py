@@ -340,9 +340,9 @@ class ClusterNode(_Place):
         env.update(extra)
         return env
 
-    def add_pod(self, name: str) -> "Pod":
+    def add_pod(self, name: str, families: Sequence[str] = ("ipv4", "ipv6")) -> "Pod":
         """A pod on this node (see `TestCluster.add_pod`)."""
-        return self.cluster.add_pod(self, name)
+        return self.cluster.add_pod(self, name, families)
 
     def manager(self):
         """A `meshintercept.manager.Manager` for this node (created once)."""
@@ -457,9 +457,10 @@ class Pod(_Place):
         self.sidecars.append(sidecar)
         return sidecar
 
-    def iptables_save(self, table: str = "nat", legacy: bool = True) -> str:
-        """iptables-save of this pod's namespace (legacy or nft), for leftover checks."""
-        tool = "iptables-legacy-save" if legacy else "iptables-nft-save"
+    def iptables_save(self, table: str = "nat", legacy: bool = True, family: int = 4) -> str:
+        """iptables-save (ip6tables-save for family 6) of this pod's namespace, legacy or nft,
+        for leftover checks."""
+        tool = f"{'ip6' if family == 6 else 'ip'}tables-{'legacy' if legacy else 'nft'}-save"
         return self.run([tool, "-t", table], timeout=10).stdout
 
     def __repr__(self) -> str:

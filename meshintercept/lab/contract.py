@@ -168,10 +168,11 @@ class BackendContract:
     def leftovers(self, world: World, pod: Pod) -> List[str]:
         """What of ours is still in the pod's namespace after disable; backends may extend this."""
         found = []
-        for legacy in (True, False):
-            for line in pod.iptables_save("nat", legacy=legacy).splitlines():
-                if re.search(r"\bMI_|meshintercept|REDIRECT --to-ports (15001|15003)\b", line):
-                    found.append(f"{'legacy' if legacy else 'nft'} iptables: {line}")
+        for family in (4, 6):
+            for legacy in (True, False):
+                for line in pod.iptables_save("nat", legacy=legacy, family=family).splitlines():
+                    if re.search(r"\bMI_|meshintercept|REDIRECT --to-ports (15001|15003)\b", line):
+                        found.append(f"{'legacy' if legacy else 'nft'} {'ip6' if family == 6 else 'ip'}tables: {line}")
         qdiscs = pod.run(["tc", "qdisc", "show", "dev", pod.ifname]).stdout
         if "clsact" in qdiscs:
             found.append(f"tc qdisc: {qdiscs.strip()}")
