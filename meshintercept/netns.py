@@ -215,17 +215,21 @@ def list_named() -> list:
     return out
 
 
-def ipv4_addresses(netns: Optional[Netns] = None) -> list:
-    """Non-loopback IPv4 addresses with their interface: [(ifname, ifindex, "10.231.1.2", 24)]."""
+def pod_addresses(netns: Optional[Netns] = None) -> list:
+    """A namespace's own IPv4 and IPv6 addresses (not loopback, not link-local) with their
+    interface: [(ifname, ifindex, "10.231.1.2", 24), (ifname, ifindex, "fd00:231:1::2", 64)]."""
     def collect():
+        import ipaddress
+
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
             names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
             out = []
-            for addr in ipr.get_addr(family=socket.AF_INET):
+            for addr in ipr.get_addr():
                 ip = addr.get_attr("IFA_ADDRESS")
-                if ip.startswith("127."):
+                parsed = ipaddress.ip_address(ip)
+                if parsed.is_loopback or parsed.is_link_local:
                     continue
                 out.append((names.get(addr["index"], "?"), addr["index"], ip, addr["prefixlen"]))
             return out

@@ -9,6 +9,7 @@ runtime finds is the shim it installed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -46,10 +47,10 @@ MODES = [
 def bed_factory(test_prefix):
     clusters = []
 
-    def make(mode: str, block=None) -> CniTestbed:
+    def make(mode: str, block=None, subnet6=None) -> CniTestbed:
         cluster = TestCluster(nodes=1, prefix=test_prefix)
         clusters.append(cluster)
-        return CniTestbed(cluster, mode=mode, block=block)
+        return CniTestbed(cluster, mode=mode, block=block, subnet6=subnet6)
 
     yield make
     for cluster in clusters:
@@ -123,6 +124,27 @@ def test_add_intercepts_check_passes_del_restores(bed_factory, mode):
     assert all(e["container_id"] == pod.container_id and e["netns"] == pod.netns.path for e in entries)
     assert all(isinstance(e["duration_ms"], float) for e in entries)
     assert entries[0]["pod"] == "default/app"
+
+
+@pytest.mark.parametrize("mode", [MODES[0]])  # ebpf joins with its connect6 (datapath branch)
+def test_a_dual_stack_pod_is_intercepted_in_both_families_from_its_first_connection(bed_factory, mode):
+    bed = bed_factory(mode, subnet6="fd00:231:96::/64")
+    pod, result = bed.add_pod("dual")
+    assert {ipaddress.ip_interface(i["address"]).version for i in result["ips"]} == {4, 6}
+    assert pod.ip and pod.ip6, result
+    for family in (4, 6):
+        bed.start_node_server(8080 + family, family=family)
+    sidecar = pod.start_sidecar("project")
+    for family, gateway, endpoint in ((4, bed.gateway, f"{bed.gateway}:8084"),
+                                      (6, bed.gateway6, f"[{bed.gateway6}]:8086")):
+        mark = sidecar.mark()
+        got = pod.connect(gateway, 8080 + family)
+        assert not got.direct, f"IPv{family} bypassed the sidecar"
+        seen = sidecar.wait_for(lambda e: e["direction"] == "outbound", since=mark)
+        assert [e["original_dst"] for e in seen] == [endpoint]
+    record = Manager(bed.node.node).record(pod.netns)
+    bed.delete_pod(pod)
+    assert ours_left(bed, pod, record) == []
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -30,7 +30,7 @@ from meshintercept.cni.config import PluginConfig
 from meshintercept.cni.namespaces import compare
 from meshintercept.errors import MeshInterceptError
 from meshintercept.manager import Manager
-from meshintercept.netns import NETNS_RUN_DIR, Netns, ipv4_addresses, list_named
+from meshintercept.netns import NETNS_RUN_DIR, Netns, list_named, pod_addresses
 
 DEFAULT_MATCH = ("cni-*",)
 
@@ -129,7 +129,7 @@ def plan(manager: Manager, cfg: PluginConfig, match: Optional[Sequence[str]] = N
         source = "named" if netns.path.startswith(NETNS_RUN_DIR + "/") else "process"
         cand = Candidate(netns.name, netns.path, netns.ref, netns.key, source)
         if pods is not None:
-            pod = next((pods[a[2]] for a in ipv4_addresses(netns) if a[2] in pods), None)
+            pod = next((pods[a[2]] for a in pod_addresses(netns) if a[2] in pods), None)
             if pod is None:
                 continue  # not a pod of this node (or not one the API knows)
             cand.pod = _pod_name(pod)

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 from meshintercept.cni import install
 from meshintercept.cni.runtime import ChainRuntime
 from meshintercept.netns import Netns
-from meshintercept.lab.cluster import ClusterNode, Pod, TestCluster
+from meshintercept.lab.cluster import ClusterNode, Pod, TestCluster, sysctl
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 DEFAULT_SUBNET = "10.231.150.0/24"
@@ -34,9 +34,20 @@ NETWORK = "mi-cni-test"
 CONFLIST_NAME = "10-bridge.conflist"
 
 
-def bridge_conflist(bridge: str, subnet: str, data_dir: str, version: str = "1.0.0") -> str:
+def bridge_conflist(bridge: str, subnet: str, data_dir: str, version: str = "1.0.0",
+                    subnet6: Optional[str] = None) -> str:
     net = ipaddress.ip_network(subnet)
     gateway = str(net.network_address + 1)
+    if subnet6:
+        # Dual-stack: one range set per family, as kubelet's dual-stack clusters configure it.
+        gateway6 = str(ipaddress.ip_network(subnet6).network_address + 1)
+        ipam = (f'\t\t\t\t"ranges": [[{{"subnet": "{subnet}"}}], [{{"subnet": "{subnet6}"}}]],\n'
+                f'\t\t\t\t"routes": [{{"dst": "10.231.0.0/16", "gw": "{gateway}"}}, '
+                f'{{"dst": "fd00:231::/48", "gw": "{gateway6}"}}],\n')
+    else:
+        ipam = (f'\t\t\t\t"subnet": "{subnet}",\n'
+                # Only the cluster range, via the bridge: nothing routes out of the test namespaces.
+                f'\t\t\t\t"routes": [{{"dst": "10.231.0.0/16", "gw": "{gateway}"}}],\n')
     # Written by hand, the way a node's primary CNI would (tabs, key order of its own), so
     # the byte-for-byte promise of install/uninstall is tested on text json.dumps did not make.
     return (
@@ -51,10 +62,8 @@ def bridge_conflist(bridge: str, subnet: str, data_dir: str, version: str = "1.0
         '\t\t\t"ipMasq": false,\n'
         '\t\t\t"ipam": {\n'
         '\t\t\t\t"type": "host-local",\n'
-        f'\t\t\t\t"subnet": "{subnet}",\n'
-        f'\t\t\t\t"dataDir": "{data_dir}",\n'
-        # Only the cluster range, via the bridge: nothing routes out of the test namespaces.
-        f'\t\t\t\t"routes": [{{"dst": "10.231.0.0/16", "gw": "{gateway}"}}]\n'
+        + ipam +
+        f'\t\t\t\t"dataDir": "{data_dir}"\n'
         "\t\t\t}\n"
         "\t\t}\n"
         "\t]\n"
@@ -64,11 +73,15 @@ def bridge_conflist(bridge: str, subnet: str, data_dir: str, version: str = "1.0
 
 class CniTestbed:
     def __init__(self, cluster: TestCluster, mode: str = "iptables", node: int = 0, subnet: str = DEFAULT_SUBNET,
-                 block: Optional[dict] = None):
+                 block: Optional[dict] = None, subnet6: Optional[str] = None):
+        """``subnet6`` (e.g. fd00:231:96::/64) makes the network dual-stack: every pod gets one
+        address of each family from host-local."""
         self.cluster = cluster
         self.node: ClusterNode = cluster.nodes[node]
         self.subnet = ipaddress.ip_network(subnet)
         self.gateway = str(self.subnet.network_address + 1)
+        self.subnet6 = ipaddress.ip_network(subnet6) if subnet6 else None
+        self.gateway6 = str(self.subnet6.network_address + 1) if subnet6 else None
         # Interface names have 15 bytes; the cluster id's random part keeps parallel runs apart.
         self.bridge = "br-" + cluster.id.rsplit("-", 1)[1]
         self.conf_dir = os.path.join(cluster.workdir, "net.d")
@@ -76,7 +89,8 @@ class CniTestbed:
         self.log_file = os.path.join(cluster.workdir, "meshintercept-cni.log")
         os.makedirs(self.conf_dir)
         self.conflist_path = os.path.join(self.conf_dir, CONFLIST_NAME)
-        self.original_text = bridge_conflist(self.bridge, subnet, os.path.join(cluster.workdir, "ipam"))
+        self.original_text = bridge_conflist(self.bridge, subnet, os.path.join(cluster.workdir, "ipam"),
+                                             subnet6=subnet6)
         with open(self.conflist_path, "w") as f:
             f.write(self.original_text)
         n = self.node.node
@@ -100,7 +114,10 @@ class CniTestbed:
         self.cluster.adopt_netns([full])  # before creating it, so a crash still leaves it sweepable
         subprocess.run(["ip", "netns", "add", full], check=True, capture_output=True)
         subprocess.run(["ip", "-n", full, "link", "set", "lo", "up"], check=True, capture_output=True)
-        return Netns.parse(full)
+        netns = Netns.parse(full)
+        # The bridge plugin's IPv6 address is usable at once only without duplicate address detection.
+        sysctl(netns.path, {f"net.ipv6.conf.{c}.accept_dad": "0" for c in ("all", "default")})
+        return netns
 
     def add_pod(self, name: str, args: str = "", runtime: Optional[ChainRuntime] = None,
                 netns: Optional[Netns] = None) -> Tuple[Pod, dict]:
@@ -118,9 +135,11 @@ class CniTestbed:
 
     def adopt(self, name: str, netns: Netns, result: dict) -> Pod:
         """Wrap a namespace the chain set up as a cluster Pod (for sidecars, servers, clients)."""
-        ip = result["ips"][0]["address"].split("/")[0]
+        addrs = [ipaddress.ip_interface(i["address"]).ip for i in result["ips"]]
+        ip = next((str(a) for a in addrs if a.version == 4), None)
+        ip6 = next((str(a) for a in addrs if a.version == 6), None)
         host_if = next((i["name"] for i in result["interfaces"] if not i.get("sandbox") and i["name"] != self.bridge), "")
-        pod = Pod(self.cluster, self.node, name, netns, ip, host_if)
+        pod = Pod(self.cluster, self.node, name, netns, ip, host_if, ip6)
         self.node.pods.append(pod)
         self.cluster.pods[name] = pod
         return pod
@@ -128,10 +147,10 @@ class CniTestbed:
     def delete_pod(self, pod: Pod, runtime: Optional[ChainRuntime] = None) -> None:
         (runtime or self.runtime).delete(pod.container_id, pod.netns.path, "eth0", pod.cni_args)
 
-    def start_node_server(self, port: int = 8080):
+    def start_node_server(self, port: int = 8080, family: int = 4):
         """A test server in the node namespace on the bridge address (the pods' gateway)."""
         argv = self.cluster.unprivileged_argv("apps", "serve", "--name", "node", "--port", str(port),
-                                              "--bind", self.gateway)
+                                              "--bind", self.gateway if family == 4 else self.gateway6)
         proc = self.node.spawn(argv, uid=1000, stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
         self.node.wait_listening(proc, [port])
         return proc
