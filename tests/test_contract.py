@@ -8,7 +8,7 @@ as without acceleration: the event-driven project sidecar and HAProxy.
 
 import pytest
 
-from meshintercept.lab.contract import BackendContract
+from meshintercept.lab.contract import BackendContract, HttpSidecarContract
 
 pytestmark = pytest.mark.root
 
@@ -28,3 +28,11 @@ for _label, _mode, _base, _vias in BACKENDS:
                   "vias": tuple(v for v in _vias if v in _side_vias), "__module__": __name__, "__qualname__": _name}
         _cls = type(_name, (BackendContract,), _attrs)
         globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls
+
+# squid, an HTTP proxy nobody here wrote that reads IPv6 original destinations, for every
+# backend and family (HAProxy covers IPv4 with the full contract above).
+for _label, _mode, _base, _vias in BACKENDS:
+    _name = f"Test{_label}WithSquid"
+    _cls = type(_name, (HttpSidecarContract,), {"mode": _mode, "base_spec": dict(_base), "vias": _vias,
+                                                "__module__": __name__, "__qualname__": _name})
+    globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls

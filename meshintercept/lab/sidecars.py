@@ -1,8 +1,9 @@
-"""Run a transparent sidecar in a test pod: the project's own, or HAProxy from Debian.
+"""Run a transparent sidecar in a test pod: the project's own, HAProxy or squid from Debian.
 
-Both run as the proxy UID, listen on the spec's outbound and inbound ports, learn the
-original destination with ``getsockopt(SO_ORIGINAL_DST)`` and write one log line per
-connection. `Sidecar.connections()` turns either log into the same normalised entries:
+All run as the proxy UID, listen on the spec's outbound and inbound ports, learn the
+original destination with ``getsockopt(SO_ORIGINAL_DST)`` (``IP6T_SO_ORIGINAL_DST`` for
+IPv6: the project's sidecar and squid; HAProxy 2.6 cannot) and write one log line per
+connection. `Sidecar.connections()` turns every log into the same normalised entries:
 
     {"kind", "direction": "outbound"|"inbound", "peer": "ip:port",
      "original_dst": "ip:port", "upstream": "ip:port", "upstream_local": "ip:port",
@@ -13,6 +14,12 @@ HAProxy: ``server x 0.0.0.0`` (no port) connects to the original destination and
 original destination with SO_ORIGINAL_DST on the accepted socket, which is what its
 ``%fi:%fp`` (frontend address) log variables show — checked on this machine with a REDIRECT
 rule, see tests/test_cluster.py.
+
+squid (``http_port ... intercept``) is an HTTP proxy written by nobody here that reads the
+IPv6 original destination: it forwards each request to the original destination (with
+``client_dst_passthru``), inbound too, as the proxy UID, so the app sees the pod's own
+address as peer. Its ``%>la:%>lp`` is the original destination, ``%<a:%<p`` the server it
+connected to. Only HTTP goes through it (the lab's ``http`` server mode).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from meshintercept.spec import InterceptSpec
 if TYPE_CHECKING:  # pragma: no cover
     from meshintercept.lab.cluster import Pod
 
-KINDS = ("project", "haproxy")
+KINDS = ("project", "haproxy", "squid")
 Routes = Dict[str, Sequence[str]]  # {"10.231.200.1:8080": ["10.231.1.3:8080", ...]}
 
 # JSON on one line per connection; %fi:%fp is the frontend address HAProxy got from
@@ -129,6 +136,56 @@ def _normalise_haproxy(raw: dict) -> dict:
     }
 
 
+# One access log per listening port (squid cannot say which port took a request); fields as
+# the normalised entry needs them. %>la:%>lp is the original destination in intercept mode.
+SQUID_LOG_FORMAT = ('{"ts":"%ts.%03tu","peer_ip":"%>a","peer_port":"%>p","orig_ip":"%>la","orig_port":"%>lp",'
+                    '"server_ip":"%<a","server_port":"%<p","server_local_ip":"%<la","server_local_port":"%<lp",'
+                    '"status":"%>Hs","up":"%>st","down":"%<st"}')
+
+
+def squid_config(outbound_port: int, inbound_port: int, state_dir: str) -> str:
+    """squid as a transparent sidecar: both ports intercept, no cache, logs in ``state_dir``."""
+    return "\n".join([
+        "http_port 127.0.0.1:3128",  # squid refuses to start without one plain forward port
+        f"http_port [::]:{outbound_port} intercept name=outbound",
+        f"http_port [::]:{inbound_port} intercept name=inbound",
+        "acl outbound myportname outbound",
+        "acl inbound myportname inbound",
+        "http_access allow all",
+        "cache deny all",
+        # Forward to the connection's original destination whatever the Host header says.
+        "host_verify_strict off",
+        "client_dst_passthru on",
+        "visible_hostname meshintercept-lab",
+        "dns_nameservers 127.0.0.1",  # IP literals only: never ask a resolver outside the lab
+        "forwarded_for delete",
+        "shutdown_lifetime 0 seconds",
+        f"logformat meshintercept {SQUID_LOG_FORMAT}",
+        f"access_log stdio:{state_dir}/access-outbound.log meshintercept outbound",
+        f"access_log stdio:{state_dir}/access-inbound.log meshintercept inbound",
+        f"cache_log {state_dir}/cache.log",
+        f"pid_filename {state_dir}/squid.pid",
+        f"coredump_dir {state_dir}",
+    ]) + "\n"
+
+
+def _normalise_squid(raw: dict, direction: str) -> dict:
+    def addr(ip_key, port_key):
+        ip, port = raw.get(ip_key), raw.get(port_key)
+        if ip in (None, "", "-") or port in (None, "", "-", "0"):
+            return None
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    status = raw.get("status", "")
+    return {
+        "kind": "squid", "direction": direction, "peer": addr("peer_ip", "peer_port"), "local": None,
+        "original_dst": addr("orig_ip", "orig_port"), "upstream": addr("server_ip", "server_port"),
+        "upstream_local": addr("server_local_ip", "server_local_port"), "route": None,
+        "bytes_up": int(raw.get("up") or 0), "bytes_down": int(raw.get("down") or 0),
+        "error": None if status.startswith("2") else f"HTTP {status}", "raw": raw,
+    }
+
+
 class Sidecar:
     """A running sidecar in a pod; `connections()` reads its log as normalised entries."""
 
@@ -151,21 +208,12 @@ class Sidecar:
 
     def connections(self, since: int = 0) -> List[dict]:
         """Entries logged so far (connections that have ended), oldest first."""
+        if self.kind == "squid":
+            entries = [_normalise_squid(raw, d) for d in ("outbound", "inbound")
+                       for raw in _json_lines(os.path.join(self.log_path, f"access-{d}.log"))]
+            return sorted(entries, key=lambda e: float(e["raw"]["ts"]))[since:]
         normalise = _normalise_project if self.kind == "project" else _normalise_haproxy
-        out = []
-        try:
-            with open(self.log_path) as f:
-                for line in f:
-                    line = line.strip()
-                    if not line.startswith("{"):
-                        continue  # HAProxy's own start-up notices share the stream
-                    try:
-                        out.append(normalise(json.loads(line)))
-                    except ValueError:
-                        continue  # a line being written right now
-        except FileNotFoundError:
-            pass
-        return out[since:]
+        return [normalise(raw) for raw in _json_lines(self.log_path)][since:]
 
     def mark(self) -> int:
         """Position to pass as ``since`` so later calls only see newer connections."""
@@ -209,6 +257,23 @@ class Sidecar:
         return f"<Sidecar {self.kind} in {self.pod.name} pid={self.process.pid}>"
 
 
+def _json_lines(path: str) -> List[dict]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line.startswith("{"):
+                    continue  # HAProxy's own start-up notices share the stream
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue  # a line being written right now
+    except FileNotFoundError:
+        pass
+    return out
+
+
 def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpec] = None,
                   routes: Optional[Routes] = None, inbound_target: str = "127.0.0.1",
                   timeout: float = 10.0) -> Sidecar:
@@ -229,6 +294,15 @@ def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpe
             open(log_path, "a").close()
             os.chown(log_path, spec.proxy_uid, spec.proxy_uid)
             process = pod.spawn(argv, uid=spec.proxy_uid, stdout=subprocess.DEVNULL, stderr=err)
+        elif kind == "squid":
+            squid = shutil.which("squid") or "/usr/sbin/squid"
+            os.mkdir(base, 0o755)
+            os.chown(base, spec.proxy_uid, spec.proxy_uid)  # squid writes its logs and pid file here
+            config_path, log_path = os.path.join(base, "squid.conf"), base
+            with open(config_path, "w") as f:
+                f.write(squid_config(spec.outbound_port, spec.inbound_port, base))
+            process = pod.spawn([squid, "-N", "-f", config_path], uid=spec.proxy_uid, stdout=subprocess.DEVNULL,
+                                stderr=err)
         else:
             haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
             config_path = base + ".cfg"
