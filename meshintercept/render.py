@@ -72,7 +72,7 @@ def _spec_lines(spec: dict) -> list:
     return lines
 
 
-_SKIP = {"in_place", "error", "rules", "counters", "present", "table", "checked"}
+_SKIP = {"in_place", "error", "rules", "counters", "present", "table", "checked", "listing", "rule_counters"}
 
 
 def _flat(value) -> str:
@@ -97,6 +97,11 @@ def _live_lines(live: dict) -> list:
     counters = live.get("counters")
     if counters:
         lines.append(f"counters: {_flat(counters)}")
+    # A backend's live ruleset as its own tool prints it (nftables: the table with per-rule
+    # counters) reads only as a block, one line per line.
+    if live.get("listing"):
+        lines.append("live ruleset:")
+        lines.extend("  " + line.replace("\t", "  ") for line in live["listing"])
     return lines
 
 

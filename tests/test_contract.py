@@ -15,6 +15,7 @@ pytestmark = pytest.mark.root
 #: (class name part, mode, spec defaults, the ways of reaching a peer the mode intercepts)
 BACKENDS = [
     ("Iptables", "iptables", {}, ("ipv4", "v4mapped", "ipv6")),
+    ("Nftables", "nftables", {}, ("ipv4", "v4mapped", "ipv6")),
     ("Ebpf", "ebpf", {}, ("ipv4",)),
     ("EbpfAccelerated", "ebpf", {"accelerate": True}, ("ipv4",)),
 ]
