@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from meshintercept.backends.nftables import lib, others, probe, table
+from meshintercept.backends.nftables import lib, others, table
 from meshintercept.backends.nftables import ruleset as model
 from meshintercept.errors import MeshInterceptError, UsageError
 from meshintercept.interceptor import Check, Interceptor
@@ -23,41 +23,27 @@ from meshintercept.state import NamespaceRecord
 TABLE_NAME = f"{model.FAMILY} {model.TABLE}"
 
 
-def check_spec(spec: InterceptSpec) -> None:
-    # ``debug`` only changes what eBPF programs print; rules have nothing to print, so it is
-    # accepted and ignored. Acceleration is a sockmap feature with no netfilter meaning.
-    if spec.accelerate:
-        raise UsageError("--accelerate needs --mode ebpf; the nftables mode has no socket acceleration.")
-
-
 class NftablesInterceptor(Interceptor):
     name = "nftables"
     description = "native nf_tables rules in one inet table of the pod's namespace (libnftables JSON API)"
-
-    @classmethod
-    def unavailable_reason(cls) -> Optional[str]:
-        return lib.missing_reason()
 
     # --- enable / disable --------------------------------------------------------------------
     def enable(self, netns: Netns, spec: InterceptSpec, previous: Optional[NamespaceRecord] = None) -> dict:
         """One forked child: it reads the ruleset, refuses a table of our name it did not make, and
         sends at most one transaction (nothing when the table already holds the plan)."""
-        check_spec(spec)
+        _refuse_ebpf_only(spec)
         lib.preload()
         summary = netns.run(table.apply, spec, _where(netns))
         extra = {"table": TABLE_NAME, "backend": "nftables", "chains": sorted(model.OWN_CHAINS),
                  "rules": summary["rules"], "families": summary["families"], "libnftables": summary["version"]}
         warnings = summary["notes"] + others.warnings_for(netns.name, summary["foreign_redirects"])
-        if warnings:
-            extra["warnings"] = warnings
-        return extra
+        return dict(extra, warnings=warnings) if warnings else extra
 
     def disable(self, record: NamespaceRecord, netns: Optional[Netns]) -> None:
         # The table lives in the namespace; a namespace that is gone took it with it.
-        if netns is None or not netns.exists():
-            return
-        lib.preload()
-        netns.run(table.remove, _where(netns))
+        if netns is not None and netns.exists():
+            lib.preload()
+            netns.run(table.remove, _where(netns))
 
     # --- looking -----------------------------------------------------------------------------
     def inspect(self, record: NamespaceRecord, netns: Optional[Netns]) -> dict:
@@ -98,7 +84,7 @@ class NftablesInterceptor(Interceptor):
     def plan(self, netns: Netns, spec: InterceptSpec) -> str:
         """The table as ``nft list table inet meshintercept`` would show it after enable; ``nft -f``
         accepts the document as is (its header lines are comments)."""
-        check_spec(spec)
+        _refuse_ebpf_only(spec)
         root = os.geteuid() == 0
         families, notes = spec.effective_families(netns.run(ipv6_unavailable) if root else None)
         ruleset = model.build(spec, families)
@@ -111,6 +97,10 @@ class NftablesInterceptor(Interceptor):
         return ruleset.render(header + [f"note: {n}" for n in notes])
 
     # --- node ----------------------------------------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        return lib.missing_reason()
+
     def teardown(self) -> List[str]:
         return []  # nothing node-wide: every table lives in a pod namespace
 
@@ -118,6 +108,9 @@ class NftablesInterceptor(Interceptor):
         reason = self.unavailable_reason()
         checks = [Check("libnftables (python3-nftables) loads", reason is None, detail=reason or "",
                         fix="" if reason is None else lib.INSTALL)]
+        # The self-test's helpers (sockets, subprocesses) are imported here only: enable never needs them.
+        from meshintercept.backends.nftables import probe
+
         result: dict = {}
         if reason is None:
             try:
@@ -130,14 +123,16 @@ class NftablesInterceptor(Interceptor):
         return checks
 
     def _managed_namespace_checks(self, records: List[NamespaceRecord]) -> List[Check]:
+        from meshintercept.manager import Manager
+
         checks = []
         for record in records:
+            netns = Manager.live_netns(record)
             try:
-                netns = Netns.parse(record.path)
-                if netns.key != record.key:
-                    continue
-                live = self.inspect(record, netns)
+                live = self.inspect(record, netns) if netns else None
             except MeshInterceptError:
+                live = None
+            if live is None:
                 continue
             problems = ([] if live["in_place"] else [f"the table is not as enabled ({live.get('not_ours') or 'drifted'})"])
             problems += live.get("warnings", [])
@@ -153,6 +148,13 @@ def _where(netns: Netns) -> str:
     return f"namespace {netns.name}"
 
 
+def _refuse_ebpf_only(spec: InterceptSpec) -> None:
+    # ``debug`` changes only what eBPF programs print, so it is accepted and ignored here;
+    # socket acceleration (sockmap) has no netfilter counterpart.
+    if spec.accelerate:
+        raise UsageError("--accelerate needs --mode ebpf; the nftables mode has no socket acceleration.")
+
+
 SELF_TEST_NAMES = {"ipv4": "native nftables redirects (IPv4)",
                    "v4mapped": "native nftables redirects (IPv4 from an IPv6 socket, v4-mapped)",
                    "ipv6": "native nftables redirects (IPv6)"}
@@ -160,6 +162,9 @@ SELF_TEST_NAMES = {"ipv4": "native nftables redirects (IPv4)",
 
 def _self_test_checks(result: dict) -> List[Check]:
     """One check per way an app reaches a peer; IPv6 failing is a warning (IPv4 works without it)."""
+    from meshintercept.backends.nftables import probe
+    from meshintercept.sidecar import fmt
+
     fix = ("load the nf_tables NAT parts (modprobe nf_tables nft_chain_nat nft_redir) and run as root; "
            "or use --mode iptables")
     if "error" in result:
@@ -171,21 +176,21 @@ def _self_test_checks(result: dict) -> List[Check]:
             checks.append(Check(name, True, warning=True, detail=f"not tried: {conn['skipped']}",
                                 fix="IPv6 pods are not intercepted while IPv6 is off"))
             continue
-        want = probe.TARGETS[way][1].replace("::ffff:", "")
-        want = f"[{want}]:{probe.TARGET_PORT}" if ":" in want else f"{want}:{probe.TARGET_PORT}"
-        ok = conn.get("original_dst") == want and result.get("matches_plan")
-        detail = (f"in a throwaway namespace a connection to {want} landed on {conn.get('landed')} with original "
-                  f"destination {conn.get('original_dst')} (libnftables {result.get('version')})")
-        if not result.get("matches_plan"):
-            detail += "; the table read back differs from the plan"
-        if conn.get("error"):
-            detail += f"; {conn['error']}"
-        checks.append(Check(name, bool(ok), detail=detail, warning=way == "ipv6" and not ok, fix="" if ok else fix))
+        want = fmt((probe.TARGETS[way][1], probe.TARGET_PORT))
+        problems = [] if result.get("matches_plan") else ["the table read back differs from the plan"]
+        if conn.get("original_dst") != want:
+            problems.append(conn.get("error") or f"the proxy would have read {conn.get('original_dst')}, not {want}")
+        told = [f"in a throwaway namespace a connection to {want} landed on {conn.get('landed')} with original "
+                f"destination {conn.get('original_dst')} (libnftables {result.get('version')})"]
+        checks.append(Check(name, not problems, detail="; ".join(told + problems),
+                            warning=way == "ipv6" and bool(problems), fix=fix if problems else ""))
     return checks
 
 
 def _flavour_checks(result: dict) -> List[Check]:
     """Which of iptables-legacy, iptables-nft and native nft work on this node, and the mode to use."""
+    from meshintercept.backends.nftables import probe
+
     flavours = result.get("flavours") or {}
     nft_works = bool(result.get("connections")) and "error" not in result and \
         result["connections"].get("ipv4", {}).get("original_dst") is not None

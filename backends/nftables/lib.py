@@ -35,13 +35,14 @@ def missing_reason() -> Optional[str]:
         import nftables
     except ImportError as exc:
         return (f"the Python binding of libnftables is not importable ({exc}); install it with {INSTALL} "
-                "and make sure the venv sees the system site-packages")
+                "and make sure the venv sees the system site-packages.")
     if not hasattr(nftables, "Nftables"):
-        return f"the module 'nftables' found at {getattr(nftables, '__path__', '?')} is not python3-nftables; install it with {INSTALL}"
+        return (f"the module 'nftables' found at {getattr(nftables, '__path__', '?')} is not python3-nftables; "
+                f"install it with {INSTALL}.")
     try:
         ctypes.CDLL(SONAME)
     except OSError as exc:
-        return f"libnftables, the nft userspace library, cannot be loaded ({exc}); install it with {INSTALL}"
+        return f"libnftables, the nft userspace library, cannot be loaded ({exc}); install it with {INSTALL}."
     return None
 
 
@@ -49,7 +50,7 @@ def preload() -> None:
     """Import the binding and map the library in this process, so forked children inherit both."""
     reason = missing_reason()
     if reason:
-        raise EnvironmentMissing(reason[0].upper() + reason[1:] + ".")
+        raise EnvironmentMissing(reason[0].upper() + reason[1:])
 
 
 def check_kernel() -> None:

@@ -9,6 +9,7 @@ ruleset is never read or written.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -59,27 +60,37 @@ def _in_throwaway_namespace(spec: InterceptSpec) -> dict:
             live = table.read(nft)
         result.update(version=summary["version"], families=summary["families"],
                       matches_plan=live.holds(model.build(spec, summary["families"])))
-        for way in TARGETS:
-            result["connections"][way] = ({"skipped": no_ipv6} if no_ipv6 and way != "ipv4"
-                                          else _connect(way, spec.outbound_port, dual_stack=not no_ipv6))
+        with _listener(spec.outbound_port, dual_stack=not no_ipv6) as listener:
+            for way in TARGETS:
+                result["connections"][way] = ({"skipped": no_ipv6} if no_ipv6 and way != "ipv4"
+                                              else _connect(listener, way))
     except MeshInterceptError as exc:
         result["error"] = exc.message
     result["flavours"] = {name: _try(argv) for name, argv in FLAVOURS.items()}
     return result
 
 
-def _connect(way: str, port: int, dual_stack: bool) -> dict:
-    """One connection that only arrives if redirected: where it landed, what the proxy would read."""
-    family, host = TARGETS[way]
+@contextlib.contextmanager
+def _listener(port: int, dual_stack: bool):
+    """The proxy's outbound port: one socket on [::] takes IPv4 (127.0.0.1) and IPv6 (::1) alike."""
     listener = socket.socket(socket.AF_INET6 if dual_stack else socket.AF_INET)
-    client = socket.socket(family)
     try:
         if dual_stack:
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         listener.bind(("::" if dual_stack else "0.0.0.0", port))
-        listener.listen(1)
+        listener.listen(4)
         listener.settimeout(3)
-        client.settimeout(3)
+        yield listener
+    finally:
+        listener.close()
+
+
+def _connect(listener: socket.socket, way: str) -> dict:
+    """One connection that only arrives if redirected: where it landed, what the proxy would read."""
+    family, host = TARGETS[way]
+    client = socket.socket(family)
+    client.settimeout(3)
+    try:
         client.connect((host, TARGET_PORT))
         conn, _ = listener.accept()
         with conn:
@@ -88,7 +99,6 @@ def _connect(way: str, port: int, dual_stack: bool) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         client.close()
-        listener.close()
 
 
 def _try(argv) -> dict:

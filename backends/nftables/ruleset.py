@@ -41,8 +41,8 @@ TABLE = "meshintercept"
 COMMENT_PREFIX = "meshintercept:"
 
 PREROUTING, OUTPUT, INBOUND, OUTBOUND = "prerouting", "output", "inbound", "outbound"
-#: Every chain this backend creates. A later layout that renames one keeps the old name here
-#: so a table an older version made is still recognised as ours.
+#: Every chain this backend creates. A later layout that renames or reshapes one keeps the old
+#: one in CHAIN_SHAPES so a table an older version made is still recognised as ours.
 OWN_CHAINS = frozenset({PREROUTING, OUTPUT, INBOUND, OUTBOUND})
 #: NAT priority of the iptables nat table (NF_IP_PRI_NAT_DST) in both hooks; nft prints it
 #: by name only in prerouting.
@@ -160,6 +160,12 @@ class Chain:
         return f"type nat hook {self.hook} priority {priority}; policy accept;"
 
 
+CHAINS = (Chain(PREROUTING, "prerouting"), Chain(OUTPUT, "output"), Chain(INBOUND), Chain(OUTBOUND))
+#: Each chain as the kernel returns it: a chain of one of our names but another kind (a filter
+#: hook, a base chain where ours is reached by jumps) is not ours.
+CHAIN_SHAPES = {c.name: c.json() for c in CHAINS}
+
+
 def normalized_expr(expr: Sequence[dict]) -> List[dict]:
     """An expression list with counter values dropped, so a live rule compares with a planned one."""
     return [{"counter": None} if "counter" in e else e for e in expr]
@@ -231,7 +237,7 @@ def build(spec: InterceptSpec, families: Sequence[str] = FAMILIES) -> Ruleset:
     only = (Match("meta nfproto", (NFPROTO[families[0]],)),) if len(families) == 1 else ()
     tcp = Match("meta l4proto", ("tcp",))
     proxy_ports = set(spec.proxy_ports)
-    chains = (Chain(PREROUTING, "prerouting"), Chain(OUTPUT, "output"), Chain(INBOUND), Chain(OUTBOUND))
+    chains = CHAINS
     rules: List[Rule] = [
         Rule(PREROUTING, only + (tcp,), "inbound TCP is checked in chain inbound", verdict=f"jump {INBOUND}"),
         Rule(OUTPUT, only + (tcp,), "outbound TCP is checked in chain outbound", verdict=f"jump {OUTBOUND}"),

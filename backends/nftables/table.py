@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from meshintercept.backends.nftables import lib, others
 from meshintercept.backends.nftables import ruleset as model
-from meshintercept.errors import Conflict
+from meshintercept.errors import Conflict, EnvironmentMissing
 from meshintercept.netns import ipv6_unavailable
 from meshintercept.spec import InterceptSpec
 
@@ -56,17 +56,17 @@ class LiveTable:
         """Why an existing table of our name was not made by meshintercept, or None when it was."""
         if not self.exists:
             return None
-        strange = [c["name"] for c in self.chains if c["name"] not in model.OWN_CHAINS]
+        if not self.chains:
+            return "it is empty, and meshintercept never leaves an empty table"
+        strange = [c["name"] for c in self.chains if model.CHAIN_SHAPES.get(c["name"]) != c]
         if strange:
-            return f"it has chain {strange[0]!r}, which meshintercept never creates"
+            return f"it has a chain {strange[0]!r} that meshintercept does not create"
         if self.objects:
             return f"it holds {self.objects[0]}, which meshintercept never creates"
         foreign = [r for r in self.rules if not r.ours]
         if foreign:
             return f"rule {foreign[0].handle} in chain {foreign[0].chain!r} has no meshintercept comment"
-        if not self.rules:
-            return "it holds no rules of meshintercept"
-        return None
+        return None  # our chains, our rules (all, or some: a flushed chain is drift, repaired by enable)
 
     def normalized(self) -> dict:
         return {"chains": self.chains, "rules": [(r.chain, r.comment, r.expr) for r in self.rules]}
@@ -153,6 +153,10 @@ def apply(spec: InterceptSpec, where: str) -> dict:
 def remove(where: str) -> bool:
     """Delete our table (one transaction); a table of our name that is not ours is left alone.
     True when something was removed."""
+    try:
+        lib.check_kernel()
+    except EnvironmentMissing:
+        return False  # without nf_tables nothing of ours can be here (the undo of a failed enable)
     with lib.session() as nft:
         live = read(nft)
         if not live.exists or live.not_ours():
