@@ -278,9 +278,9 @@ def test_kernel_refusal_changes_nothing(backend, pod, monkeypatch):
     before = (ruleset_items(pod, ours=True), ruleset_items(pod, ours=False))
     real = model.Ruleset.commands
 
-    def with_a_loop(self, replace):
+    def with_a_loop(self, live_chains):
         loop = {"family": "inet", "table": "meshintercept", "chain": "outbound", "expr": [{"jump": {"target": "outbound"}}]}
-        return real(self, replace) + [{"add": {"rule": loop}}]
+        return real(self, live_chains) + [{"add": {"rule": loop}}]
 
     monkeypatch.setattr(model.Ruleset, "commands", with_a_loop)  # copied into the forked child
     with pytest.raises(BackendFailure, match="kernel refused the nftables transaction.*Too many links.*nothing was changed"):

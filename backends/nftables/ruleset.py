@@ -182,18 +182,22 @@ class Ruleset:
     def chain_rules(self, chain: str) -> List[Rule]:
         return [r for r in self.rules if r.chain == chain]
 
-    def commands(self, replace: bool) -> List[dict]:
-        """One transaction: the table replaced as a whole, or created where there was none.
+    def commands(self, live_chains: Optional[Sequence[dict]] = None) -> List[dict]:
+        """One transaction: the table's whole ruleset replaced (``live_chains``: the chains it holds
+        now), or the table created where there is none (None).
 
         ``create`` fails if a table of that name appeared since we looked, so we never fill
-        someone else's; ``add`` + ``delete`` + ``add`` is how one batch replaces a table that
-        may or may not still be there.
+        someone else's. A replace flushes every rule and adds the new ones in the same batch (no
+        packet meets an empty chain); the table and the chains that stay as they are keep their
+        handles and hooks, and a chain of an older layout is deleted.
         """
         table = {"family": FAMILY, "name": TABLE}
-        if replace:
-            head = [{"add": {"table": dict(table)}}, {"delete": {"table": dict(table)}}, {"add": {"table": dict(table)}}]
-        else:
+        if live_chains is None:
             head = [{"create": {"table": dict(table)}}]
+        else:
+            wanted = [c.json() for c in self.chains]
+            head = [{"flush": {"table": dict(table)}}]
+            head += [{"delete": {"chain": c}} for c in live_chains if c not in wanted]
         return (head + [{"add": {"chain": c.json()}} for c in self.chains]
                 + [{"add": {"rule": r.json()}} for r in self.rules])
 

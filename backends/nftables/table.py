@@ -3,8 +3,8 @@ forked child: `Netns.run`), through libnftables' JSON API.
 
 Enable is one read of the ruleset and at most one transaction: if the table already holds
 exactly the plan, nothing is sent (not even an identical batch); otherwise one batch replaces
-the whole table, so the kernel swaps the old ruleset for the new one in one commit and no
-packet ever meets a half-built or missing table. A table of our name that we did not create
+the table's whole ruleset, so the kernel swaps the old rules for the new ones in one commit and
+no packet ever meets a half-built or missing table. A table of our name that we did not create
 is refused before anything is sent.
 """
 
@@ -140,7 +140,7 @@ def apply(spec: InterceptSpec, where: str) -> dict:
         changed = not live.holds(plan)
         if changed:
             try:
-                nft.run(plan.commands(replace=live.exists))
+                nft.run(plan.commands(live.chains if live.exists else None))
             except lib.NftError as exc:
                 if "File exists" in exc.reason:  # `create` met a table made since we looked
                     live = read(nft)
