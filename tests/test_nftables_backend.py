@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from meshintercept.backends.nftables import NftablesInterceptor, probe
+from meshintercept.backends.nftables import NftablesInterceptor, probe, table
 from meshintercept.backends.nftables import ruleset as model
 from meshintercept.errors import BackendFailure, Conflict, UsageError
 from meshintercept.manager import Manager
@@ -286,6 +286,36 @@ def test_kernel_refusal_changes_nothing(backend, pod, monkeypatch):
     with pytest.raises(BackendFailure, match="kernel refused the nftables transaction.*Too many links.*nothing was changed"):
         backend.enable(pod.netns, InterceptSpec.build(outbound_port=15021))
     assert (ruleset_items(pod, ours=True), ruleset_items(pod, ours=False)) == before
+
+
+def someone_between_our_look_and_our_batch(monkeypatch, *nft_argv: str) -> None:
+    """Run ``nft ARGV`` in the namespace right after enable's first read (in its forked child)."""
+    real, done = table.read, []
+
+    def read_then_someone_acts(nft, listing=False):
+        live = real(nft, listing)
+        if not done:
+            done.append(subprocess.run(["nft", *nft_argv], check=True))
+        return live
+
+    monkeypatch.setattr(table, "read", read_then_someone_acts)
+
+
+@pytest.mark.root
+def test_a_table_deleted_while_we_replace_it_is_created_again(backend, pod, monkeypatch):
+    backend.enable(pod.netns, InterceptSpec())
+    someone_between_our_look_and_our_batch(monkeypatch, "delete", "table", "inet", "meshintercept")
+    new = InterceptSpec.build(exclude_outbound_ports=["22"])
+    backend.enable(pod.netns, new)
+    assert our_listing(pod) == plan_body(backend.plan(pod.netns, new))
+
+
+@pytest.mark.root
+def test_a_foreign_table_made_while_we_create_ours_is_refused_and_left_alone(backend, pod, monkeypatch):
+    someone_between_our_look_and_our_batch(monkeypatch, "add", "table", "inet", "meshintercept")
+    with pytest.raises(Conflict, match="that meshintercept did not create .it is empty"):
+        backend.enable(pod.netns, InterceptSpec())
+    assert nft(pod, "list", "ruleset") == "table inet meshintercept {\n}\n"
 
 
 @pytest.mark.root
@@ -604,3 +634,19 @@ def test_the_cli_refuses_a_table_of_our_name_with_exit_code_6(node):
                           capture_output=True, text=True, timeout=60)
     assert_refused(proc, 6, "that meshintercept did not create", "nft delete table inet meshintercept")
     assert ruleset_items(pod, ours=True) == before and node.manager().records() == []
+
+
+@pytest.mark.root
+def test_doctor_without_the_binding_still_names_the_flavours(node):
+    import nftables
+
+    proc = hidden([os.path.dirname(os.path.dirname(nftables.__file__))], [EXE, "doctor", "--json"], node.cli_env())
+    report = json.loads(proc.stdout)
+    [section] = [s for s in report["sections"] if s["name"] == "mode nftables"]
+    checks = {c["name"]: c for c in section["checks"]}
+    loads = checks["libnftables (python3-nftables) loads"]
+    assert not loads["ok"] and "apt-get install python3-nftables" in loads["fix"]
+    flavours = checks["netfilter on this node (tried in a throwaway namespace)"]["detail"]
+    assert "iptables-legacy: works" in flavours and "iptables-nft: works" in flavours, flavours
+    assert "native nft (libnftables): the Python binding of libnftables is not importable" in flavours
+    assert "nftables" not in report["usable_modes"]

@@ -111,12 +111,11 @@ class NftablesInterceptor(Interceptor):
         # The self-test's helpers (sockets, subprocesses) are imported here only: enable never needs them.
         from meshintercept.backends.nftables import probe
 
-        result: dict = {}
+        try:
+            result = probe.self_test(InterceptSpec())
+        except MeshInterceptError as exc:
+            result = {"error": exc.message}
         if reason is None:
-            try:
-                result = probe.self_test(InterceptSpec())
-            except MeshInterceptError as exc:
-                result = {"error": exc.message}
             checks.extend(_self_test_checks(result))
         checks.extend(_flavour_checks(result))
         checks.extend(self._managed_namespace_checks(records))
@@ -196,7 +195,7 @@ def _flavour_checks(result: dict) -> List[Check]:
         result["connections"].get("ipv4", {}).get("original_dst") is not None
     default = probe.iptables_default()
     parts = [f"{name}: {flavours.get(name, {}).get('detail', 'not tried')}" for name in probe.FLAVOURS]
-    parts.append("native nft (libnftables): " + ("works" if nft_works else result.get("error", "not usable")))
+    parts.append("native nft (libnftables): " + ("works" if nft_works else result.get("error", "not usable").rstrip(".")))
     parts.append(f"plain 'iptables' is {default['text']}")
     legacy_works = flavours.get("iptables-legacy", {}).get("works", False)
     mode, why = probe.recommend(nft_works, legacy_works, default["variant"])

@@ -53,7 +53,18 @@ def _in_throwaway_namespace(spec: InterceptSpec) -> dict:
     commands = LINK + ([] if no_ipv6 else LINK6)
     subprocess.run(["ip", "-batch", "-"], input="\n".join(commands) + "\n", text=True, check=True,
                    capture_output=True)
-    result: dict = {"ipv6_unavailable": no_ipv6, "connections": {}}
+    result: dict = {"ipv6_unavailable": no_ipv6, "connections": {}, "flavours": {}}
+    # The iptables flavours are tried even without libnftables: the advice needs them most then.
+    missing = lib.missing_reason()
+    if missing:
+        result["error"] = missing
+    else:
+        _native(spec, no_ipv6, result)
+    result["flavours"] = {name: _try(argv) for name, argv in FLAVOURS.items()}
+    return result
+
+
+def _native(spec: InterceptSpec, no_ipv6: Optional[str], result: dict) -> None:
     try:
         summary = table.apply(spec, "a throwaway namespace")
         with lib.session() as nft:
@@ -66,8 +77,6 @@ def _in_throwaway_namespace(spec: InterceptSpec) -> dict:
                                               else _connect(listener, way))
     except MeshInterceptError as exc:
         result["error"] = exc.message
-    result["flavours"] = {name: _try(argv) for name, argv in FLAVOURS.items()}
-    return result
 
 
 @contextlib.contextmanager

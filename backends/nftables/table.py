@@ -135,19 +135,28 @@ def apply(spec: InterceptSpec, where: str) -> dict:
     families, notes = spec.effective_families(ipv6_unavailable())
     plan = model.build(spec, families)
     with lib.session() as nft:
-        live = read(nft)
-        refuse_foreign(live, where)
-        changed = not live.holds(plan)
-        if changed:
-            try:
-                nft.run(plan.commands(live.chains if live.exists else None))
-            except lib.NftError as exc:
-                if "File exists" in exc.reason:  # `create` met a table made since we looked
-                    live = read(nft)
-                    refuse_foreign(live, where)
-                raise lib.failure(exc, "the nftables transaction", where) from None
+        changed, live = _replace(nft, read(nft), plan, where)
     return {"changed": changed, "families": list(families), "notes": notes, "rules": len(plan.rules),
             "foreign_redirects": live.foreign_redirects, "version": live.version}
+
+
+def _replace(nft: lib.Session, live: LiveTable, plan: model.Ruleset, where: str):
+    """(changed, what we last read). A table made or deleted by someone else between our look and
+    our batch makes the batch fail whole (``create``: it exists now; ``flush``: it is gone), so we
+    look once more and decide again."""
+    for attempt in (1, 2):
+        refuse_foreign(live, where)
+        if live.holds(plan):
+            return False, live
+        try:
+            nft.run(plan.commands(live.chains if live.exists else None))
+            return True, live
+        except lib.NftError as exc:
+            raced = "No such file or directory" in exc.reason if live.exists else "File exists" in exc.reason
+            if not raced or attempt == 2:
+                raise lib.failure(exc, "the nftables transaction", where) from None
+        live = read(nft)
+    raise AssertionError("unreachable")
 
 
 def remove(where: str) -> bool:
