@@ -122,7 +122,7 @@ def test_dockerfile_installs_what_the_code_needs():
     with open(os.path.join(DEPLOY, "Dockerfile")) as f:
         text = f.read()
     assert re.search(r"^FROM debian:12", text, re.M)
-    for package in ("python3-bpfcc", "iproute2", "iptables", "util-linux", "python3-venv"):
+    for package in ("python3-bpfcc", "python3-nftables", "iproute2", "iptables", "util-linux", "python3-venv"):
         assert re.search(rf"\b{package}\b", text), package  # util-linux: nsenter for the agent shim
     venv = re.search(r"python3 -m venv --system-site-packages (\S+)", text).group(1)
     assert f"{venv}/bin/pip install" in text and f"PATH={venv}/bin:" in text
