@@ -51,7 +51,8 @@ def render_status(data: dict) -> None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["enabled_at"]))
         console.print(f"[bold]{item['namespace']}[/]  {item['mode']}  {state}  "
                       f"out :{spec['outbound_port']} in :{spec['inbound_port']} uid {spec['proxy_uid']}  since {since}")
-        for line in _spec_lines(spec) + _live_lines(live):
+        sources = [f"{field} from {where}" for field, where in sorted((item.get("sources") or {}).items())]
+        for line in _spec_lines(spec) + (["settings: " + "; ".join(sources)] if sources else []) + _live_lines(live):
             console.print(f"  {line}")
 
 
