@@ -292,6 +292,31 @@ def demo(mode, keep):
     run_demo(mode, keep=keep, echo=click.echo)
 
 
+@cli.command()
+@click.option("--serve", "address", envvar=_env("metrics_address"), metavar="[HOST]:PORT",
+              help="Serve /metrics on this address until stopped, instead of printing once (the node agent "
+                   "does this; e.g. :9464).")
+@click.option("--cni-log", envvar=_env("cni_log_file"), metavar="PATH",
+              help="The CNI plugin's invocation log, for ADD/DEL counts and durations (default: the plugin's).")
+@pass_session
+def metrics(session, address, cni_log):
+    """Print the node's metrics in Prometheus text format (or serve them with --serve).
+
+    Per namespace: each backend's interception counters (redirected connections, original
+    destination answers and misses, map errors, rule packet counts, ...) and captured
+    families; per mode: intercepted namespaces; CNI ADD/DEL/CHECK counts by result and their
+    durations; for ebpf: when the programs were loaded and how many connections are tracked.
+    """
+    from meshintercept import metrics as metrics_mod
+    from meshintercept.cni.config import default_log_file
+
+    cni_log = cni_log or default_log_file()
+    if address:
+        metrics_mod.serve(lambda: session.manager, address, cni_log)
+        return
+    click.echo(metrics_mod.exposition(session.manager, cni_log).decode(), nl=False)
+
+
 def permission_advice(exc: PermissionError) -> str:
     """One sentence for a refused file operation; "run as root" only helps when we are not root."""
     what = f"{exc.strerror or exc} ({exc.filename})" if exc.filename else f"{exc.strerror or exc}"

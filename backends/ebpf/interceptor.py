@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from . import types as T
 from meshintercept.errors import UsageError
-from meshintercept.interceptor import Check, Interceptor
+from meshintercept.interceptor import Check, Interceptor, Metric
 from meshintercept.netns import Netns
 from meshintercept.spec import InterceptSpec
 from meshintercept.state import NamespaceRecord
@@ -216,6 +216,19 @@ class EbpfInterceptor(Interceptor):
         from . import loader
 
         return loader.unload(self.node)
+
+    def metrics(self, records: List[NamespaceRecord]) -> List[Metric]:
+        from . import maps
+
+        facts = maps.node_status(self.node)
+        if not facts.get("loaded"):
+            return []
+        out = [Metric("meshintercept_ebpf_programs_loaded_timestamp_seconds", "gauge",
+                      "when the node's programs were loaded (CLOCK_REALTIME)", {}, facts["loaded_at_ns"] / 1e9)]
+        if "connections" in facts:
+            out.append(Metric("meshintercept_ebpf_tracked_connections", "gauge",
+                              "entries in the original-destination map", {}, facts["connections"]))
+        return out
 
     def doctor(self, records: List[NamespaceRecord]) -> List[Check]:
         from . import doctor
