@@ -128,6 +128,11 @@ def _spec_options(fn):
     options = [
         click.option("--accelerate", is_flag=True, envvar=_env("accelerate"),
                      help="ebpf: redirect payload socket to socket with sockmap (opt-in, falls back to the normal path on any miss)."),
+        click.option("--capture-dns", is_flag=True, envvar=_env("capture_dns"),
+                     help="Send the app's DNS queries (UDP and TCP to port 53 of any address but loopback) to the "
+                          "sidecar's DNS port; replies reach the app from the server it asked."),
+        click.option("--dns-port", envvar=_env("dns_port"), metavar="PORT", show_default=True, default="15053",
+                     help="Sidecar port receiving captured DNS (UDP and TCP), with --capture-dns."),
         click.option("--debug", is_flag=True, envvar=_env("debug"),
                      help="ebpf: programs log each decision to trace_pipe and to 'meshintercept trace'."),
         click.option("--include-inbound-port", "include_inbound_ports", multiple=True, envvar=_env("include_inbound_port"),

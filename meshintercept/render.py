@@ -68,6 +68,8 @@ def _spec_lines(spec: dict) -> list:
     if spec.get("families"):
         lines.append("families asked for: " + ", ".join(spec["families"]))
     flags = [name for name in ("debug", "accelerate") if spec.get(name)]
+    if spec.get("capture_dns"):
+        flags.append(f"capture DNS to :{spec.get('dns_port')}")
     if flags:
         lines.append("flags: " + ", ".join(flags))
     return lines
