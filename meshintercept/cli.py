@@ -128,6 +128,11 @@ def _spec_options(fn):
     options = [
         click.option("--accelerate", is_flag=True, envvar=_env("accelerate"),
                      help="ebpf: redirect payload socket to socket with sockmap (opt-in, falls back to the normal path on any miss)."),
+        click.option("--inbound-path", "inbound_path", envvar=_env("inbound_path"), metavar="sk_lookup|tc",
+                     default=None, help="ebpf: how inbound reaches the sidecar. sk_lookup (default): new connections "
+                     "to a redirected port are handed to the sidecar's inbound listener, IPv4 and IPv6, nothing "
+                     "rewritten, refused while no sidecar listens. tc: the seed's port rewrite on the pod's "
+                     "interfaces, IPv4 only."),
         click.option("--debug", is_flag=True, envvar=_env("debug"),
                      help="ebpf: programs log each decision to trace_pipe and to 'meshintercept trace'."),
         click.option("--include-inbound-port", "include_inbound_ports", multiple=True, envvar=_env("include_inbound_port"),

@@ -96,6 +96,18 @@ def plain_address(addr) -> ipaddress._BaseAddress:
     return ip
 
 
+#: How the ebpf mode steers inbound connections: sk_lookup (default; IPv4 and IPv6, no packet
+#: rewritten) or tc (the seed's port rewrite on the pod's interfaces; IPv4 only).
+INBOUND_PATHS = ("sk_lookup", "tc")
+
+
+def parse_inbound_path(value) -> str:
+    text = str(value).strip().lower().replace("-", "_")
+    if text not in INBOUND_PATHS:
+        raise UsageError(f"inbound path {value!r} is not one of {', '.join(INBOUND_PATHS)}.")
+    return text
+
+
 def parse_uid(value) -> int:
     text = str(value).strip()
     try:
@@ -124,6 +136,8 @@ class InterceptSpec:
     debug: bool = False
     #: eBPF only: sockhash + sk_msg redirect between local sockets (opt-in, fail-open).
     accelerate: bool = False
+    #: eBPF only: inbound by sk_lookup (default) or by the tc port rewrite (IPv4 only).
+    inbound_path: str = INBOUND_PATHS[0]
 
     def __post_init__(self):
         if self.outbound_port == self.inbound_port:
@@ -151,6 +165,8 @@ class InterceptSpec:
         kwargs["families"] = parse_families(options.get("families"))
         kwargs["debug"] = bool(options.get("debug", False))
         kwargs["accelerate"] = bool(options.get("accelerate", False))
+        if options.get("inbound_path") is not None:
+            kwargs["inbound_path"] = parse_inbound_path(options["inbound_path"])
         unknown = set(options) - {f.name for f in fields(cls)}
         if unknown:
             raise UsageError(f"unknown spec field(s) {', '.join(sorted(unknown))}; see 'meshintercept enable --help'.")

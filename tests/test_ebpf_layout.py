@@ -54,7 +54,7 @@ def test_c_and_ctypes_layouts_agree():
 
 
 @pytest.mark.parametrize("drift", [
-    ("offsetof(struct mi_origin, port) == 4", "offsetof(struct mi_origin, port) == 6"),
+    ("offsetof(struct mi_origin, port) == 16", "offsetof(struct mi_origin, port) == 18"),
     ("offsetof(union bpf_attr, link_create.attach_type) == 8", "offsetof(union bpf_attr, link_create.attach_type) == 12"),
 ], ids=["common.h", "linux/bpf.h"])
 def test_the_checker_catches_a_drift(drift, capfd):
@@ -83,7 +83,9 @@ def test_constants_match_the_header():
     for name, value in (("MI_CFG_DEBUG", T.CFG_DEBUG), ("MI_CFG_ACCELERATE", T.CFG_ACCELERATE),
                         ("MI_ORIG_OUTBOUND", T.ORIG_OUTBOUND), ("MI_ORIG_INBOUND_LOCAL", T.ORIG_INBOUND_LOCAL),
                         ("MI_ORIG_INBOUND_TC", T.ORIG_INBOUND_TC), ("MI_ORIG_CLAIMED", T.ORIG_CLAIMED),
-                        ("MI_FEAT_ACCELERATE", T.FEAT_ACCELERATE)):
+                        ("MI_FEAT_ACCELERATE", T.FEAT_ACCELERATE), ("MI_FEAT_LOOKUP", T.FEAT_LOOKUP),
+                        ("MI_CFG_INBOUND_TC", T.CFG_INBOUND_TC), ("MI_CFG_IPV4", T.CFG_IPV4),
+                        ("MI_CFG_IPV6", T.CFG_IPV6), ("MI_SOCK_STEERED", T.SOCK_STEERED)):
         assert define(name) == value, name
     for kind in T.EVENT_KINDS:
         assert kind in {define(n) for n in [l.split()[1] for l in text.splitlines() if l.startswith("#define MI_EV_")]}

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Tuple, Type
 
 from . import uapi
 from .uapi import (BPF_ANY, BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT,  # noqa: F401
-                   BPF_CGROUP_SOCK_OPS, BPF_EXIST, BPF_F_ALLOW_MULTI, BPF_F_QUERY_EFFECTIVE, BPF_LINK_TYPE_TCX,
+                   BPF_CGROUP_SOCK_OPS, BPF_EXIST, BPF_F_ALLOW_MULTI, BPF_F_QUERY_EFFECTIVE, BPF_LINK_TYPE_NETNS, BPF_LINK_TYPE_TCX,
                    BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SOCKHASH, BPF_NOEXIST, BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
                    BPF_PROG_TYPE_CGROUP_SOCKOPT, BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_SK_LOOKUP,
                    BPF_PROG_TYPE_SK_MSG, BPF_PROG_TYPE_SOCK_OPS, BPF_SK_LOOKUP, BPF_SK_MSG_VERDICT, BPF_TCX_EGRESS,
@@ -307,4 +307,7 @@ def link_info(fd: int) -> dict:
     if i.type == BPF_LINK_TYPE_TCX:
         # ifindex 0: the device went away and the kernel detached the link
         out["ifindex"], out["attach_type"] = i.target, i.target_attach_type
+    elif i.type == BPF_LINK_TYPE_NETNS:
+        # netns_ino 0: the namespace went away and the kernel detached the link
+        out["netns_ino"], out["attach_type"] = i.target, i.target_attach_type
     return out
