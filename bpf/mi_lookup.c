@@ -15,7 +15,10 @@
  *
  * bpf_get_netns_cookie() is not offered to sk_lookup programs: the namespace is found
  * through the pod IP map by the destination address, which always belongs to this
- * namespace. Loopback is skipped: there the pod talks to itself (the sidecar to its app).
+ * namespace. A pod talking to itself is skipped (the sidecar dialling its own app on the pod
+ * address): loopback by interface, and any connection whose source is one of the pod's own
+ * addresses, because local traffic to the pod address does not report the loopback device
+ * as its ingress interface.
  */
 #include "lib/helpers.h"
 
@@ -57,6 +60,20 @@ static __always_inline struct bpf_sock *mi_listener(__u64 netns, int v4)
 	return sk;
 }
 
+/* The source is one of this namespace's own pod addresses. */
+static __always_inline int mi_from_itself(struct bpf_sk_lookup *ctx, __u64 netns)
+{
+	struct mi_addr remote = {};
+	struct mi_pod *pod;
+
+	if (ctx->family == MI_AF_INET6)
+		MI_ADDR_V6(&remote, ctx->remote_ip6);
+	else
+		MI_ADDR_V4(&remote, ctx->remote_ip4);
+	pod = mi2_podip.lookup(&remote);
+	return pod && pod->netns == netns;
+}
+
 static __always_inline int __mi_lookup(struct bpf_sk_lookup *ctx)
 {
 	struct mi_addr local = {};
@@ -81,7 +98,7 @@ static __always_inline int __mi_lookup(struct bpf_sk_lookup *ctx)
 	if (!cfg || (cfg->flags & MI_CFG_INBOUND_TC) || !mi_family_on(cfg, &local))
 		return SK_PASS;
 	port = (__u16)ctx->local_port;
-	if (!mi_inbound_redirected(cfg, port))
+	if (!mi_inbound_redirected(cfg, port) || mi_from_itself(ctx, netns))
 		return SK_PASS;
 	sk = mi_listener(netns, ctx->family != MI_AF_INET6);
 	if (!sk) {
