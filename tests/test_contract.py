@@ -11,8 +11,11 @@ from meshintercept.lab.contract import BackendContract
 
 pytestmark = pytest.mark.root
 
-#: (class name part, mode, spec defaults); each runs with every sidecar below.
-BACKENDS = [("Iptables", "iptables", {}), ("Ebpf", "ebpf", {}), ("EbpfAccelerated", "ebpf", {"accelerate": True})]
+#: (class name part, mode, spec defaults); each runs with every sidecar below. The ebpf mode
+#: runs on both inbound paths: sk_lookup (the default) and the seed's tc path.
+BACKENDS = [("Iptables", "iptables", {}), ("Ebpf", "ebpf", {}), ("EbpfAccelerated", "ebpf", {"accelerate": True}),
+            ("EbpfTc", "ebpf", {"inbound_path": "tc"}),
+            ("EbpfTcAccelerated", "ebpf", {"inbound_path": "tc", "accelerate": True})]
 SIDECARS = [("ProjectSidecar", "project"), ("Haproxy", "haproxy")]
 
 for _label, _mode, _base in BACKENDS:
