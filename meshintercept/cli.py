@@ -105,7 +105,13 @@ def cli(ctx, cgroup, pin_dir, state_dir, tc_attach, traceback):
 
     \b
       iptables  nat REDIRECT rules inside the pod's namespace (like Istio, Linkerd, osm)
-      ebpf      cgroup connect4/sockops/getsockopt + tc programs (osm-edge/merbridge design)
+      ebpf      cgroup connect4/connect6/sockops/getsockopt; inbound by sk_lookup (or tc)
+
+    \b
+    Sidecar contract: IPv4 outbound lands on 127.0.0.1:OUT, IPv6 on [::1]:OUT, inbound
+    on IN with the pod address; ask getsockopt(SOL_IP, SO_ORIGINAL_DST) on an IPv4
+    connection (also an AF_INET6 socket of a ::ffff:a.b.c.d peer: Java, .NET) and
+    getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) (optname 80) on an IPv6 one.
 
     \b
     Quick start:
