@@ -92,7 +92,7 @@ def test_inbound_is_steered_by_a_netns_link_with_no_tc_object_and_no_connection_
         reply = src.connect(server.ip, APP, send=b"in")
         assert not reply.direct and reply.greeting()["pod"] == "server"
         assert reply.greeting()["peer"].startswith("127.0.0.1:")  # the app saw its sidecar
-        [entry] = [e for e in server.sidecar.wait_for(lambda e: e["peer"] == reply.local, since=mark)]
+        [entry] = server.sidecar.wait_for(lambda e, local=reply.local: e["peer"] == local, since=mark)
         assert entry["original_dst"] == f"{server.ip}:{APP}" and entry["error"] is None
         # the sidecar's accepted socket has the original destination as its own address
         assert entry["local"] == f"{server.ip}:{APP}"
