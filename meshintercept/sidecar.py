@@ -1,14 +1,20 @@
 """The project's own transparent sidecar (stdlib only).
 
-It listens on the outbound port (15001) and the inbound port (15003), asks every accepted
-socket for its original destination with ``getsockopt(SOL_IP, SO_ORIGINAL_DST)`` — answered
-by conntrack under the iptables backend and by a ``cgroup/getsockopt`` program under the
-eBPF backend — and relays bytes both ways (non-blocking sockets, one epoll per connection,
-half-closes passed on; safe under eBPF ``--accelerate``):
+It listens on the outbound port (15001) and the inbound port (15003), dual-stack (one
+``[::]`` socket per port takes IPv4 as v4-mapped; ``0.0.0.0`` where the namespace has no
+IPv6), asks every accepted socket for its original destination — ``getsockopt(SOL_IP,
+SO_ORIGINAL_DST)`` for an IPv4 connection, whichever family the accepted socket has, and
+``getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`` for an IPv6 one; answered by conntrack under
+the iptables backend and by a ``cgroup/getsockopt`` program under the eBPF backend — and
+relays bytes both ways (non-blocking sockets, one epoll per connection, half-closes passed
+on; safe under eBPF ``--accelerate``):
 
 * outbound: to the original destination, or round robin to the backends of a route when the
   original destination is a virtual service address (``--route VIP:PORT=IP:PORT,IP:PORT``);
-* inbound: to ``<inbound target>:<original port>``, the app in the same pod.
+* inbound: to ``<inbound target>:<original port>``, the app in the same pod (127.0.0.1 for
+  IPv4, ``--inbound-target6`` ::1 for IPv6).
+
+Addresses are logged as ``ip:port`` or ``[ip6]:port``, a v4-mapped address as its IPv4 one.
 
 Every connection ends as one JSON line in the log (direction, peer, original_dst, upstream,
 bytes each way, error), so tests can prove which destination the sidecar really saw.
@@ -37,20 +43,32 @@ import threading
 import time
 from typing import Dict, IO, List, Optional, Sequence, Tuple
 
-SO_ORIGINAL_DST = 80
+SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>
+IP6T_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv6/ip6_tables.h>, at level SOL_IPV6
+SOL_IPV6 = 41
 BUFFER_SIZE = 256 * 1024  # per direction; one recv/send moves up to this much
 Addr = Tuple[str, int]
 
 
+def plain(host: str) -> str:
+    """A v4-mapped IPv6 address (how a dual-stack socket sees IPv4) as the IPv4 address it is."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
 def fmt(addr: Optional[Addr]) -> Optional[str]:
-    return f"{addr[0]}:{addr[1]}" if addr else None
+    if not addr:
+        return None
+    host = plain(addr[0])
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
 
 def parse_addr(text: str) -> Addr:
+    """``ip:port`` or ``[ip6]:port``."""
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
         raise ValueError(f"{text!r} is not ip:port")
-    ipaddress.IPv4Address(host)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ipaddress.ip_address(host)
     port_n = int(port)
     if not 1 <= port_n <= 65535:
         raise ValueError(f"port {port_n} out of range in {text!r}")
@@ -66,7 +84,14 @@ def parse_route(text: str) -> Tuple[Addr, List[Addr]]:
 
 
 def original_dst(sock: socket.socket) -> Addr:
-    """The destination the client asked for, before REDIRECT / the eBPF rewrite."""
+    """The destination the client asked for, before REDIRECT / the eBPF rewrite.
+
+    An IPv4 connection is asked with SOL_IP even on an AF_INET6 socket (it is v4-mapped there:
+    conntrack and the eBPF program both keep it as IPv4); an IPv6 one with SOL_IPV6."""
+    if sock.family == socket.AF_INET6 and plain(sock.getpeername()[0]) == sock.getpeername()[0]:
+        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        port, addr = struct.unpack("!2xH4x16s4x", raw[:28])
+        return socket.inet_ntop(socket.AF_INET6, addr), port
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack("!H", raw[2:4])[0]
     return socket.inet_ntoa(raw[4:8]), port
@@ -214,13 +239,34 @@ class _Flow:
                 pass
 
 
+def listen_socket(bind: str, port: int) -> socket.socket:
+    """On ``bind``; or, when empty, dual-stack ``[::]`` (IPv4 as v4-mapped), else ``0.0.0.0``
+    where the namespace has no IPv6."""
+    candidates = [bind] if bind else ["::", "0.0.0.0"]
+    for i, host in enumerate(candidates):
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+            sock.listen(4096)
+            return sock
+        except OSError:
+            sock.close()
+            if i == len(candidates) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 class Sidecar:
     def __init__(
         self,
         outbound_port: int = 15001,
         inbound_port: int = 15003,
-        bind: str = "0.0.0.0",
+        bind: str = "",
         inbound_target: str = "127.0.0.1",
+        inbound_target6: str = "::1",
         routes: Optional[Dict[Addr, Sequence[Addr]]] = None,
         log: Optional[ConnectionLog] = None,
         connect_timeout: float = 5.0,
@@ -228,6 +274,7 @@ class Sidecar:
         self.ports = {"outbound": outbound_port, "inbound": inbound_port}
         self.bind = bind
         self.inbound_target = inbound_target
+        self.inbound_target6 = inbound_target6
         self.routes = {vip: list(b) for vip, b in (routes or {}).items()}
         self._cursors = {vip: itertools.cycle(b) for vip, b in self.routes.items()}
         self._route_lock = threading.Lock()
@@ -239,11 +286,7 @@ class Sidecar:
     # --- lifecycle ----------------------------------------------------------------------
     def listen(self) -> None:
         for direction, port in self.ports.items():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.bind, port))
-            sock.listen(4096)
-            self.listeners[direction] = sock
+            self.listeners[direction] = listen_socket(self.bind, port)
 
     def start(self) -> None:
         if not self.listeners:
@@ -278,7 +321,8 @@ class Sidecar:
     # --- one connection -----------------------------------------------------------------
     def _target(self, direction: str, orig: Addr) -> Tuple[Addr, Optional[str]]:
         if direction == "inbound":
-            return (self.inbound_target, orig[1]), None
+            target = self.inbound_target6 if ":" in orig[0] else self.inbound_target
+            return (target, orig[1]), None
         if orig in self._cursors:
             with self._route_lock:
                 return next(self._cursors[orig]), fmt(orig)
@@ -288,8 +332,9 @@ class Sidecar:
         """Would forwarding to orig reach one of our own listeners? (orig == local alone is no
         loop: where interception steers sockets instead of rewriting them, sk_lookup or
         TPROXY, the accepted socket's local address is the original destination.)"""
+        local = (plain(local[0]), local[1])
         if orig[1] in self.ports.values():
-            ip = ipaddress.IPv4Address(orig[0])
+            ip = ipaddress.ip_address(orig[0])
             return ip.is_loopback or ip.is_unspecified or orig[0] == local[0]
         return False
 
@@ -356,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m meshintercept.sidecar", description=__doc__.split("\n\n")[0])
     p.add_argument("--outbound-port", type=int, default=15001)
     p.add_argument("--inbound-port", type=int, default=15003)
-    p.add_argument("--bind", default="0.0.0.0", help="listen address (0.0.0.0 also covers 127.0.0.1)")
-    p.add_argument("--inbound-target", default="127.0.0.1", help="address of the app inbound traffic goes to")
+    p.add_argument("--bind", default="", help="listen address (default: [::] dual-stack, 0.0.0.0 without IPv6)")
+    p.add_argument("--inbound-target", default="127.0.0.1", help="address of the app IPv4 inbound traffic goes to")
+    p.add_argument("--inbound-target6", default="::1", help="address of the app IPv6 inbound traffic goes to")
     p.add_argument("--route", action="append", default=[], metavar="VIP:PORT=IP:PORT[,IP:PORT]",
                    help="send outbound traffic for a service address to these backends, round robin")
     p.add_argument("--log", default="-", help="connection log file (JSON lines); '-' for stdout")
@@ -375,12 +421,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
     stream = sys.stdout if args.log == "-" else open(args.log, "a", buffering=1)
-    sidecar = Sidecar(args.outbound_port, args.inbound_port, args.bind, args.inbound_target, routes,
-                      ConnectionLog(stream), args.connect_timeout)
+    sidecar = Sidecar(args.outbound_port, args.inbound_port, args.bind, args.inbound_target, args.inbound_target6,
+                      routes, ConnectionLog(stream), args.connect_timeout)
     try:
         sidecar.listen()
     except OSError as exc:
-        print(f"sidecar: cannot listen on {args.bind}: {exc.strerror}", file=sys.stderr)
+        print(f"sidecar: cannot listen on {args.bind or '[::]'}: {exc.strerror}", file=sys.stderr)
         return 1
     if args.uid is not None:
         drop_privileges(args.uid, args.gid)
@@ -389,8 +435,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     sidecar.start()
-    print(f"sidecar: listening outbound {args.bind}:{args.outbound_port} inbound {args.bind}:{args.inbound_port}"
-          f" as uid {os.getuid()}", file=sys.stderr, flush=True)
+    where = {d: fmt(s.getsockname()[:2]) for d, s in sidecar.listeners.items()}
+    print(f"sidecar: listening outbound {where['outbound']} inbound {where['inbound']} as uid {os.getuid()}",
+          file=sys.stderr, flush=True)
     while not done.wait(3600):
         pass
     sidecar.close()

@@ -1,4 +1,5 @@
-"""The backend contract suite (meshintercept.lab.contract) for every backend x sidecar.
+"""The backend contract suite (meshintercept.lab.contract) for every backend x sidecar x way
+an app reaches its peer (IPv4, v4-mapped from an AF_INET6 socket, IPv6).
 
 A class whose mode cannot load or run here is skipped with the backend's own reason.
 --accelerate (sockhash + sk_msg redirect) must pass the same contract with both sidecars
@@ -11,16 +12,24 @@ from meshintercept.lab.contract import BackendContract
 
 pytestmark = pytest.mark.root
 
-#: (class name part, mode, spec defaults); each runs with every sidecar below. The ebpf mode
-#: runs on both inbound paths: sk_lookup (the default) and the seed's tc path.
-BACKENDS = [("Iptables", "iptables", {}), ("Ebpf", "ebpf", {}), ("EbpfAccelerated", "ebpf", {"accelerate": True}),
-            ("EbpfTc", "ebpf", {"inbound_path": "tc"}),
-            ("EbpfTcAccelerated", "ebpf", {"inbound_path": "tc", "accelerate": True})]
-SIDECARS = [("ProjectSidecar", "project"), ("Haproxy", "haproxy")]
+#: (class name part, mode, spec defaults, the ways of reaching a peer the mode intercepts). The
+#: ebpf mode runs on both inbound paths: sk_lookup (the default, both families) and the seed's
+#: tc path (IPv4 only: its classes intercept IPv4 and leave IPv6 alone with --family ipv4).
+BACKENDS = [
+    ("Iptables", "iptables", {}, ("ipv4", "v4mapped")),
+    ("Ebpf", "ebpf", {}, ("ipv4", "v4mapped", "ipv6")),
+    ("EbpfAccelerated", "ebpf", {"accelerate": True}, ("ipv4", "v4mapped", "ipv6")),
+    ("EbpfTc", "ebpf", {"inbound_path": "tc", "families": ["ipv4"]}, ("ipv4", "v4mapped")),
+    ("EbpfTcAccelerated", "ebpf", {"inbound_path": "tc", "families": ["ipv4"], "accelerate": True},
+     ("ipv4", "v4mapped")),
+]
+#: HAProxy 2.6 reads no IPv6 original destination (it connects back to itself).
+SIDECARS = [("ProjectSidecar", "project", ("ipv4", "v4mapped", "ipv6")), ("Haproxy", "haproxy", ("ipv4", "v4mapped"))]
 
-for _label, _mode, _base in BACKENDS:
-    for _side_label, _kind in SIDECARS:
+for _label, _mode, _base, _vias in BACKENDS:
+    for _side_label, _kind, _side_vias in SIDECARS:
         _name = f"Test{_label}With{_side_label}"
-        _cls = type(_name, (BackendContract,), {"mode": _mode, "sidecar_kind": _kind, "base_spec": dict(_base),
-                                                "__module__": __name__, "__qualname__": _name})
+        _attrs = {"mode": _mode, "sidecar_kind": _kind, "base_spec": dict(_base),
+                  "vias": tuple(v for v in _vias if v in _side_vias), "__module__": __name__, "__qualname__": _name}
+        _cls = type(_name, (BackendContract,), _attrs)
         globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls

@@ -53,6 +53,8 @@ def _clean(world):
 
 
 def enable(pod, **spec):
+    if spec.get("inbound_path") == "tc":  # IPv4 only: the dual-stack pods are intercepted for IPv4
+        spec.setdefault("families", ["ipv4"])
     return pod.node.manager().enable(pod.netns.name, "ebpf", InterceptSpec.build(**spec))
 
 

@@ -12,7 +12,6 @@ established connections run no eBPF program per packet.
 
 import contextlib
 import os
-import socket
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from meshintercept.backends.ebpf import bpfsys
 from meshintercept.backends.ebpf import maps as ebpf_maps
 from meshintercept.backends.ebpf import tc as ebpf_tc
 from meshintercept.backends.ebpf.pins import NodePins
+from meshintercept.errors import UsageError
 from meshintercept.lab.cluster import BASE_PYTHON, ConnectFailed, TestCluster
 from meshintercept.spec import InterceptSpec
 
@@ -59,6 +59,8 @@ def _clean(world):
 
 
 def enable(pod, **spec):
+    if spec.get("inbound_path") == "tc":  # IPv4 only: the dual-stack pods are intercepted for IPv4
+        spec.setdefault("families", ["ipv4"])
     return pod.node.manager().enable(pod.netns.name, "ebpf", InterceptSpec.build(**spec))
 
 
@@ -77,7 +79,8 @@ def test_inbound_is_steered_by_a_netns_link_with_no_tc_object_and_no_connection_
     enable(server)
     record_extra = server.node.manager().record(server.netns).extra
     assert record_extra["inbound_path"] == "sk_lookup" and record_extra["tc"] == []
-    assert record_extra["listeners"] == [{"pid": server.sidecar.pid, "family": 4}]  # found at enable
+    # found at enable: the project sidecar's one dual-stack listener
+    assert record_extra["listeners"] == [{"pid": server.sidecar.pid, "family": 6}]
     link = record_extra["lookup_link"]
     fd = bpfsys.obj_get(link)
     try:
@@ -123,7 +126,7 @@ def test_inbound_fails_closed_without_a_listener_and_a_restarted_sidecar_is_pick
     reply = bystander.connect(server.ip, APP)
     assert not reply.direct
     after = live(server)
-    assert after["lookup"]["listeners"] == ["ipv4"] and after["counters"]["listeners"] == 1
+    assert after["lookup"]["listeners"] == ["AF_INET6"] and after["counters"]["listeners"] == 1
 
 
 def test_a_sidecar_started_after_enable_is_registered_by_the_listen_callback(world):
@@ -246,14 +249,50 @@ def test_an_established_inbound_connection_runs_no_program_per_packet(world):
     assert {k: after[k] - before[k] for k in after} == {k: 0 for k in after}
 
 
-def test_a_v6_only_stack_is_not_needed_for_ipv4(world):
-    """A pod with IPv6 disabled (the lab's default today) is intercepted for IPv4 with a note."""
+def test_a_namespace_with_ipv6_disabled_is_intercepted_for_ipv4_with_a_note(world):
+    cluster, p = world
+    pod = p.get("v4only") or cluster.add_pod(0, "v4only", families=("ipv4",))
+    p["v4only"] = pod
+    if not getattr(pod, "sidecar", None):
+        pod.start_server([APP, OTHER])
+        pod.sidecar = pod.start_sidecar("project", spec=InterceptSpec())
+    result = enable(pod)
+    assert any("IPv6 is not intercepted" in w and "disable_ipv6" in w for w in result["warnings"])
+    families = live(pod)["families"]
+    assert families["ipv4"] == "captured" and "disabled" in families["ipv6"]
+    assert not p["remote"].connect(pod.ip, APP).direct
+    with pytest.raises(UsageError, match="ipv6 was asked for"):
+        enable(pod, families=["ipv6"])
+    assert live(pod)["families"]["ipv4"] == "captured", "the refused enable changed nothing"
+
+
+def test_the_tc_path_is_refused_where_ipv6_would_bypass_it(world):
     cluster, p = world
     server = p["server"]
-    result = enable(server)
-    assert any("IPv6 is not intercepted" in w and "disable_ipv6" in w for w in result["warnings"])
-    families = live(server)["families"]
-    assert families["ipv4"] == "captured" and "disabled" in families["ipv6"]
-    with pytest.raises(Exception, match="ipv6 was asked for"):
-        enable(server, families=["ipv6"])
-    assert socket.AF_INET6  # the host has IPv6; the pod namespace has it switched off
+    with pytest.raises(UsageError, match="tc inbound path is IPv4-only"):
+        server.node.manager().enable(server.netns.name, "ebpf", InterceptSpec.build(inbound_path="tc"))
+    assert server.node.manager().record(server.netns) is None
+    assert ebpf_tc.status(server.netns) == {}
+    enable(server, inbound_path="tc")  # with --family ipv4
+    assert live(server)["families"] == {"ipv4": "captured", "ipv6": "not asked for (--family)"}
+    mark = server.sidecar.mark()
+    assert p["remote"].connect(server.ip6, APP).direct  # IPv6 left alone, as asked
+    assert not p["remote"].connect(server.ip, APP).direct
+    assert [e["original_dst"] for e in inbound_entries(server, mark)] == [f"{server.ip}:{APP}"]
+
+
+@pytest.mark.parametrize("via", ["v4mapped", "ipv6"])
+def test_inbound_over_both_families_is_steered_and_answered(world, via):
+    cluster, p = world
+    server = p["server"]
+    enable(server)
+    mark = server.sidecar.mark()
+    for src in (p["bystander"], p["remote"]):
+        reply = src.connect(server.address(via), APP, send=b"in")
+        assert not reply.direct
+        [entry] = server.sidecar.wait_for(lambda e, local=reply.local: e["peer"] == local, since=mark)
+        assert entry["original_dst"] == server.endpoint(APP, via) and entry["error"] is None
+    counters = live(server)["counters"]
+    assert counters["inbound_steered"] == 2 and counters["origdst_answers"] == 2
+    with NodePins(server.node.node.pin_dir) as pins:
+        assert ebpf_maps.count_entries(pins, "origdst") == 0

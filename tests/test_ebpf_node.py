@@ -213,7 +213,7 @@ def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(node):
     from meshintercept.backends.ebpf import tc
 
     a = node.add_pod("a")
-    tc_path = InterceptSpec.build(inbound_path="tc")
+    tc_path = InterceptSpec.build(inbound_path="tc", families=["ipv4"])
     manager = Manager(dataclasses.replace(node.node, tc_attach="tcx"))
     manager.enable(a.netns.name, "ebpf", tc_path)
     entry = manager.record(a.netns).extra["tc"][0]
@@ -222,7 +222,7 @@ def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(node):
                                          "clsact": False, "tcx": True}
     # a changed spec keeps the same links (no detach window)
     ids = {d: bpfsys.link_info(bpfsys.obj_get(p))["id"] for d, p in entry["pins"].items()}
-    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path="tc", exclude_outbound_ports=[22]))
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path="tc", families=["ipv4"], exclude_outbound_ports=[22]))
     assert {d: bpfsys.link_info(bpfsys.obj_get(p))["id"] for d, p in entry["pins"].items()} == ids
     assert manager.status(a.netns.name)["namespaces"][0]["live"]["in_place"]
     # back to the default (clsact filters): the tcx links go, the filters come
@@ -250,8 +250,9 @@ def test_status_of_all_namespaces_reads_the_node_maps_once_and_agrees_with_a_liv
     a, b = node.add_pod("a"), node.add_pod("b")
     path = "sk_lookup" if attach == "sk_lookup" else "tc"
     manager = Manager(dataclasses.replace(node.node, tc_attach="clsact" if path == "sk_lookup" else attach))
-    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path=path))
-    manager.enable(b.netns.name, "ebpf", InterceptSpec.build(debug=True, inbound_path=path))
+    families = ["ipv4"] if path == "tc" else []
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path=path, families=families))
+    manager.enable(b.netns.name, "ebpf", InterceptSpec.build(debug=True, inbound_path=path, families=families))
     quick = {i["namespace"]: i["live"] for i in manager.status()["namespaces"]}
     full = {i["namespace"]: i["live"] for i in manager.status(live=True)["namespaces"]}
     assert {n: v["checked"] for n, v in quick.items()} == {a.netns.name: "node", b.netns.name: "node"}
@@ -373,7 +374,7 @@ def test_a_clsact_qdisc_and_filters_someone_else_made_survive_enable_and_disable
     subprocess.run(["ip", "netns", "exec", a.netns.name, "tc", "filter", "add", "dev", "eth0", "ingress", "prio", "7",
                     "protocol", "ip", "u32", "match", "u32", "0", "0", "classid", "1:1"], check=True)
     manager = Manager(node.node)
-    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path="tc"))
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path="tc", families=["ipv4"]))
     assert manager.record(a.netns).extra["tc"][0]["qdisc_created"] is False
     assert tc.status(a.netns)["eth0"]["ingress"]
     manager.disable(a.netns.name)

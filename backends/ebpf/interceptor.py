@@ -235,7 +235,7 @@ class EbpfInterceptor(Interceptor):
                                for n in expected)
         elif cookie is not None:
             link = lookup.link_alive(lookup.link_path(pins, cookie), netns)
-            listening = [f"ipv{f}" for f in lookup.listener_families(pins, cookie)]
+            listening = [{4: "AF_INET", 6: "AF_INET6"}[f] for f in lookup.listener_families(pins, cookie)]
             out["lookup"] = {"link": link, "listeners": listening}
             attached = link
             if cfg is not None and not listening:

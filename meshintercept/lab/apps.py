@@ -38,11 +38,39 @@ import threading
 import time
 
 CHUNK = 256 * 1024
-SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>
+SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST has the same number
 
 
 def fmt(addr) -> str:
-    return f"{addr[0]}:{addr[1]}"
+    """``ip:port``, ``[ip6]:port``; a v4-mapped address as the IPv4 one (the lab's one spelling)."""
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listener(bind: str | None, port: int) -> socket.socket:
+    """A listening socket: on ``bind``, or dual-stack ``[::]`` (IPv4 arrives v4-mapped), or
+    ``0.0.0.0`` where the namespace has no IPv6."""
+    candidates = [bind] if bind else ["::", "0.0.0.0"]
+    for i, host in enumerate(candidates):
+        sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if sock.family == socket.AF_INET6 and not bind:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+            sock.listen(1024)
+            return sock
+        except OSError:
+            sock.close()
+            if i == len(candidates) - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def error_name(exc: BaseException) -> str:
@@ -75,8 +103,14 @@ def send_random(sock: socket.socket, total: int, hasher: _Hasher) -> None:
 
 
 def original_dst(conn: socket.socket) -> str:
-    """SO_ORIGINAL_DST as a sidecar asks it; the socket's own address when nothing redirected it."""
+    """The original destination as a sidecar asks it (SO_ORIGINAL_DST for IPv4, also on a
+    v4-mapped AF_INET6 socket; IP6T_SO_ORIGINAL_DST for IPv6); the socket's own address when
+    nothing redirected it."""
     try:
+        if conn.family == socket.AF_INET6 and not conn.getpeername()[0].startswith("::ffff:"):
+            raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            port, addr = struct.unpack("!2xH4x16s4x", raw)
+            return fmt((socket.inet_ntop(socket.AF_INET6, addr), port))
         raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     except OSError:
         return fmt(conn.getsockname())
@@ -149,14 +183,8 @@ def _serve_conn(conn: socket.socket, mode: str, name: str, reply: str | None) ->
         conn.close()
 
 
-def serve(ports, name: str, mode: str = "hello", reply: str | None = None, bind: str = "0.0.0.0") -> None:
-    listeners = []
-    for port in ports:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((bind, port))
-        sock.listen(1024)
-        listeners.append(sock)
+def serve(ports, name: str, mode: str = "hello", reply: str | None = None, bind: str | None = None) -> None:
+    listeners = [listener(bind, port) for port in ports]
 
     def accept_loop(lsock):
         while True:
@@ -183,7 +211,7 @@ def _read_all(sock: socket.socket) -> bytes:
 
 
 def connect_once(host: str, port: int, send: bytes = b"", timeout: float = 5.0) -> dict:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
     sock.settimeout(timeout)
     result = {"ok": False, "local": None, "peer": None}
     try:
@@ -237,7 +265,9 @@ def connect_many(host: str, port: int, count: int, parallel: int, timeout: float
 
 def transfer(host: str, port: int, up: int, down: int, timeout: float) -> dict:
     """Push `up` random bytes while receiving `down`; report hashes of both ends."""
-    sock = socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect((host, port))
     result = {"ok": False, "local": fmt(sock.getsockname())}
     sent, received = _Hasher(), _Hasher()
     started = time.monotonic()
@@ -279,7 +309,7 @@ def main(argv=None) -> int:
     s.add_argument("--name", required=True)
     s.add_argument("--mode", choices=("hello", "http"), default="hello")
     s.add_argument("--reply")
-    s.add_argument("--bind", default="0.0.0.0")
+    s.add_argument("--bind", default=None, help="default: [::] dual-stack, or 0.0.0.0 without IPv6")
     for name in ("connect", "many", "transfer"):
         c = sub.add_parser(name)
         c.add_argument("--host", required=True)

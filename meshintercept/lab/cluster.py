@@ -9,12 +9,14 @@
 Layout (n = node index + 1, all inside namespaces this module creates; nothing is linked
 to the machine's root namespace, so no packet can leave the cluster):
 
-* node n: a namespace ``<id>-node<n>`` with bridge ``br0`` = 10.231.n.1/24 (the pods'
-  gateway), IP forwarding on, and an underlay address 10.231.0.n/24 on ``ul0``: a veth
-  pair between the two nodes, or a veth to a bridge in ``<id>-underlay`` for 3+ nodes.
-  Plain routes ``10.231.m.0/24 via 10.231.0.m`` join the pod networks; no NAT.
-* pod: a namespace ``<id>-<name>`` with ``eth0`` (veth to the node's bridge),
-  10.231.n.k/24 and a default route via the gateway.
+* node n: a namespace ``<id>-node<n>`` with bridge ``br0`` = 10.231.n.1/24 and
+  fd00:231:n::1/64 (the pods' gateway), forwarding on, and an underlay address 10.231.0.n/24
+  and fd00:231::n/64 on ``ul0``: a veth pair between the two nodes, or a veth to a bridge in
+  ``<id>-underlay`` for 3+ nodes. Plain routes join the pod networks; no NAT.
+* pod: a namespace ``<id>-<name>`` with ``eth0`` (veth to the node's bridge), dual-stack by
+  default: 10.231.n.k/24 (``pod.ip``) and fd00:231:n::k/64 (``pod.ip6``, no DAD, no router
+  advertisements) with default routes via the gateway. ``families=("ipv4",)`` makes a pod
+  with IPv6 disabled in its namespace, ``("ipv6",)`` one with no IPv4 address.
 * each node also has a child cgroup ``<cgroup2 root>/<id>-node<n>`` (every process started
   in its pods is moved there *before* it enters the pod namespace), a pin dir
   ``/sys/fs/bpf/<id>-node<n>`` and a state dir ``/run/meshintercept/<id>-node<n>``: its
@@ -47,7 +49,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from meshintercept.netns import NETNS_RUN_DIR, Netns, run_forked, setns_path
 from meshintercept.node import STATE_ROOT, Node, default_cgroup, mounts
@@ -63,6 +65,10 @@ KNOWN_PREFIXES = (DEFAULT_PREFIX, DEMO_PREFIX, BENCH_PREFIX)
 REGISTRY_DIR = "/run/meshintercept-testing"
 BPFFS_ROOT = "/sys/fs/bpf"
 CLUSTER_CIDR = ipaddress.ip_network("10.231.0.0/16")
+CLUSTER_CIDR6 = ipaddress.ip_network("fd00:231::/48")
+#: How a test client reaches a pod: an AF_INET socket to its IPv4 address, an AF_INET6 socket
+#: to the same address v4-mapped (what Java and .NET do), or an AF_INET6 socket to its IPv6 one.
+VIAS = ("ipv4", "v4mapped", "ipv6")
 #: UID of test apps and clients: an ordinary user, never the proxy UID.
 APP_UID = 1000
 #: The interpreter a venv was made from: executable by every UID, unlike a venv under /root.
@@ -84,6 +90,15 @@ class ConnectFailed(AssertionError):
         super().__init__(f"connection to {target} failed: {error} {message}".strip())
         self.target = target
         self.error = error
+
+
+def fmt_endpoint(host: str, port: int) -> str:
+    """How the lab writes an endpoint: ``10.231.1.2:80``, ``[fd00:231:1::2]:80``; a v4-mapped
+    address as the IPv4 address it is (so both socket kinds of one connection read alike)."""
+    ip = ipaddress.ip_address(host)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def resolve_prefix(prefix: Optional[str] = None) -> str:
@@ -307,8 +322,11 @@ class ClusterNode(_Place):
         self.node = node
         self.cgroup_path = cgroup_path
         self.pod_cidr = ipaddress.ip_network(f"10.231.{index + 1}.0/24")
+        self.pod_cidr6 = ipaddress.ip_network(f"fd00:231:{index + 1:x}::/64")
         self.gateway = f"10.231.{index + 1}.1"
+        self.gateway6 = f"fd00:231:{index + 1:x}::1"
         self.underlay_ip = f"10.231.0.{index + 1}"
+        self.underlay_ip6 = f"fd00:231::{index + 1:x}"
         self.bridge = "br0"
         self.pods: List["Pod"] = []
         self._next_host = 2
@@ -339,13 +357,15 @@ class ClusterNode(_Place):
 
 
 class Pod(_Place):
-    def __init__(self, cluster: "TestCluster", node: ClusterNode, name: str, netns: Netns, ip_addr: str,
-                 host_ifname: str):
+    def __init__(self, cluster: "TestCluster", node: ClusterNode, name: str, netns: Netns, ip_addr: Optional[str],
+                 host_ifname: str, ip6: Optional[str] = None):
         self.cluster = cluster
         self.node = node
         self.name = name
         self.netns = netns
+        #: IPv4 and IPv6 address (None where the pod lacks that family).
         self.ip = ip_addr
+        self.ip6 = ip6
         self.ifname = "eth0"
         #: The veth end in the node namespace, enslaved to the node's bridge.
         self.host_ifname = host_ifname
@@ -356,15 +376,33 @@ class Pod(_Place):
     def cgroup_path(self) -> str:
         return self.node.cgroup_path
 
+    @property
+    def families(self) -> Tuple[str, ...]:
+        return tuple(f for f, a in (("ipv4", self.ip), ("ipv6", self.ip6)) if a)
+
+    def address(self, via: str = "ipv4") -> str:
+        """The address a client connects to this pod by, for one of `VIAS`."""
+        addr = {"ipv4": self.ip, "v4mapped": self.ip and f"::ffff:{self.ip}", "ipv6": self.ip6}[via]
+        if addr is None:
+            raise ClusterError(f"pod {self.name} has no address for {via} (families {self.families})")
+        return addr
+
+    def endpoint(self, port: int, via: str = "ipv4") -> str:
+        """``ip:port`` / ``[ip6]:port`` as sidecars and apps write it; a v4-mapped address as IPv4."""
+        return fmt_endpoint(self.address(via), port)
+
     # --- apps ---------------------------------------------------------------------------
     def _apps(self, *args: str) -> List[str]:
         return self.cluster.unprivileged_argv("apps", *args)
 
     def start_server(self, port: Union[int, Sequence[int]], reply: Optional[str] = None, mode: str = "hello",
-                     uid: int = APP_UID, bind: str = "0.0.0.0", timeout: float = 10.0) -> Server:
-        """A test server on one or more ports, as an ordinary UID; see `meshintercept.lab.apps`."""
+                     uid: int = APP_UID, bind: Optional[str] = None, timeout: float = 10.0) -> Server:
+        """A test server on one or more ports, as an ordinary UID; see `meshintercept.lab.apps`.
+        By default it takes both families on one dual-stack socket (``bind`` names one address)."""
         ports = [port] if isinstance(port, int) else list(port)
-        argv = self._apps("serve", "--name", self.name, "--mode", mode, "--bind", bind)
+        argv = self._apps("serve", "--name", self.name, "--mode", mode)
+        if bind:
+            argv += ["--bind", bind]
         for p in ports:
             argv += ["--port", str(p)]
         if reply is not None:
@@ -425,7 +463,7 @@ class Pod(_Place):
         return self.run([tool, "-t", table], timeout=10).stdout
 
     def __repr__(self) -> str:
-        return f"<Pod {self.name} {self.ip} on {self.node.name}>"
+        return f"<Pod {self.name} {self.ip or ''} {self.ip6 or ''} on {self.node.name}>"
 
 
 @dataclass
@@ -509,7 +547,7 @@ class TestCluster:
             json.dump(data, f, indent=1)
         os.replace(tmp, self._registry)
 
-    def _new_netns(self, name: str) -> Netns:
+    def _new_netns(self, name: str, ipv6: bool = True) -> Netns:
         full = f"{self.id}-{name}"
         if full in self._objects.netns:
             raise ValueError(f"name {name!r} is already used in cluster {self.id}")
@@ -517,7 +555,13 @@ class TestCluster:
         self._save_registry()
         ip("netns", "add", full)
         netns = Netns.parse(full)
-        sysctl(netns.path, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"})
+        # IPv6 with static addresses only: no duplicate address detection (addresses usable at
+        # once), no router advertisements or autoconfiguration (nothing but what the lab set).
+        if ipv6:
+            sysctl(netns.path, {f"net.ipv6.conf.{c}.{k}": "0" for c in ("all", "default")
+                                for k in ("accept_dad", "accept_ra", "autoconf", "router_solicitations")})
+        else:
+            sysctl(netns.path, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"})
         ip(netns=full, batch=["link set lo up"])
         return netns
 
@@ -538,13 +582,14 @@ class TestCluster:
         os.makedirs(state_dir, exist_ok=True)
         netns = self._new_netns(name)
         n = index + 1
-        sysctl(netns.path, {"net.ipv4.ip_forward": "1"})
+        sysctl(netns.path, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
         ip(netns=netns.name, batch=[
             # A fixed MAC: a bridge without one takes the lowest MAC of its ports and changes it
             # as pods come and go, while pods keep the old gateway MAC in their neighbour cache,
             # so their frames stop reaching the node (lost SYNs under connection storms).
             f"link add br0 address 02:00:0a:e7:{n:02x}:01 type bridge",
             f"addr add 10.231.{n}.1/24 dev br0",
+            f"addr add fd00:231:{n:x}::1/64 dev br0 nodad",
             "link set br0 up",
         ])
         self.nodes.append(ClusterNode(self, index, netns, Node(cgroup=cgroup, pin_dir=pin_dir, state_dir=state_dir),
@@ -565,13 +610,23 @@ class TestCluster:
                    netns=node.netns.name)
                 ip(netns=self.underlay, batch=[f"link set {port} master br0", f"link set {port} up"])
         for node in self.nodes:
-            cmds = [f"addr add {node.underlay_ip}/24 dev ul0", "link set ul0 up"]
-            cmds += [f"route add {other.pod_cidr} via {other.underlay_ip}" for other in self.nodes if other is not node]
+            cmds = [f"addr add {node.underlay_ip}/24 dev ul0", f"addr add {node.underlay_ip6}/64 dev ul0 nodad",
+                    "link set ul0 up"]
+            for other in self.nodes:
+                if other is not node:
+                    cmds += [f"route add {other.pod_cidr} via {other.underlay_ip}",
+                             f"route add {other.pod_cidr6} via {other.underlay_ip6}"]
             ip(netns=node.netns.name, batch=cmds)
 
     # --- pods -----------------------------------------------------------------------------
-    def add_pod(self, node: Union[ClusterNode, int], name: str) -> Pod:
-        """A pod namespace `<id>-<name>` on `node` (a ClusterNode or its index) with eth0 on the bridge."""
+    def add_pod(self, node: Union[ClusterNode, int], name: str, families: Sequence[str] = ("ipv4", "ipv6")) -> Pod:
+        """A pod namespace `<id>-<name>` on `node` (a ClusterNode or its index) with eth0 on the bridge.
+
+        ``families``: dual-stack by default; ``("ipv4",)`` disables IPv6 in the namespace (as
+        ``net.ipv6.conf.all.disable_ipv6=1`` does on such nodes), ``("ipv6",)`` gives no IPv4 address."""
+        families = tuple(families)
+        if not families or set(families) - {"ipv4", "ipv6"}:
+            raise ValueError(f"families {families!r}: use ipv4, ipv6 or both")
         if isinstance(node, int):
             node = self.nodes[node]
         if not _NAME_RE.match(name) or re.match(r"^(node\d+|underlay)$", name):
@@ -582,17 +637,19 @@ class TestCluster:
         if k > 254:
             raise ClusterError(f"node {node.name} has no free pod address left")
         node._next_host += 1
-        netns = self._new_netns(name)
+        netns = self._new_netns(name, ipv6="ipv6" in families)
         host_if = f"vp{k}"
-        pod_ip = f"10.231.{node.index + 1}.{k}"
+        pod_ip = f"10.231.{node.index + 1}.{k}" if "ipv4" in families else None
+        pod_ip6 = f"fd00:231:{node.index + 1:x}::{k:x}" if "ipv6" in families else None
         ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", netns.name, netns=node.netns.name)
         ip(netns=node.netns.name, batch=[f"link set {host_if} master br0", f"link set {host_if} up"])
-        ip(netns=netns.name, batch=[
-            f"addr add {pod_ip}/24 dev eth0",
-            "link set eth0 up",
-            f"route add default via {node.gateway}",
-        ])
-        pod = Pod(self, node, name, netns, pod_ip, host_if)
+        cmds = ["link set eth0 up"]
+        if pod_ip:
+            cmds += [f"addr add {pod_ip}/24 dev eth0", f"route add default via {node.gateway}"]
+        if pod_ip6:
+            cmds += [f"addr add {pod_ip6}/64 dev eth0 nodad", f"route add default via {node.gateway6}"]
+        ip(netns=netns.name, batch=cmds)
+        pod = Pod(self, node, name, netns, pod_ip, host_if, pod_ip6)
         node.pods.append(pod)
         self.pods[name] = pod
         return pod

@@ -11,8 +11,11 @@ Each class builds one 2-node `TestCluster` (class scope)::
 
     node1: client, server, bystander      node2: remote
 
-Every pod runs a test server on 8080 and 9090 (as UID 1000) and a sidecar of
-``sidecar_kind`` as the proxy UID. Tests enable interception through
+Every pod is dual-stack and runs a test server on 8080 and 9090 (as UID 1000, one
+dual-stack socket per port) and a sidecar of ``sidecar_kind`` as the proxy UID. Every
+behaviour test runs once per way an app may reach a peer (``vias``, a subset of
+`meshintercept.lab.cluster.VIAS`): an AF_INET socket to the IPv4 address, an AF_INET6
+socket to the v4-mapped IPv4 address (Java, .NET), an AF_INET6 socket to the IPv6 address. Tests enable interception through
 `meshintercept.manager.Manager` of the pod's node, exactly as the CLI does, and everything
 enabled is disabled again after each test. The class is skipped, with the backend's own
 reason, when the mode cannot load or run here.
@@ -36,7 +39,7 @@ import pytest
 from meshintercept import registry
 from meshintercept.errors import MeshInterceptError
 from meshintercept.spec import InterceptSpec
-from meshintercept.lab.cluster import Pod, Received, TestCluster
+from meshintercept.lab.cluster import VIAS, Pod, Received, TestCluster
 
 APP_PORT = 8080
 OTHER_PORT = 9090
@@ -75,6 +78,12 @@ class BackendContract:
     sidecar_kind: str = "project"
     #: Spec fields every enable in this class starts from (the sidecar listens on its ports).
     base_spec: dict = {}
+    #: How test clients reach their peers; every behaviour test runs for each.
+    vias: tuple = VIAS
+
+    def pytest_generate_tests(self, metafunc):
+        if "via" in metafunc.fixturenames:
+            metafunc.parametrize("via", self.vias)
 
     # --- fixtures ---------------------------------------------------------------------------
     @pytest.fixture(scope="class")
@@ -140,6 +149,18 @@ class BackendContract:
                        f"got {sidecar.connections(since)}")
         return found[-1]
 
+    @staticmethod
+    def loopback(via: str) -> str:
+        """Where a sidecar hands inbound connections of this kind to the app."""
+        return "[::1]:" if via == "ipv6" else "127.0.0.1:"
+
+    @staticmethod
+    def cidr(pod_or_node, via: str) -> str:
+        """A pod's own address as a CIDR, or a node's pod network, in the family of ``via``."""
+        if hasattr(pod_or_node, "pod_cidr"):
+            return str(pod_or_node.pod_cidr6 if via == "ipv6" else pod_or_node.pod_cidr)
+        return f"{pod_or_node.ip6}/128" if via == "ipv6" else f"{pod_or_node.ip}/32"
+
     def assert_untouched_sidecar(self, world: World, pod: Pod, since: int, settle: float = 0.3) -> None:
         extra = world.sidecars[pod.name].wait_for(since=since, timeout=settle)
         assert extra == [], f"{pod.name}'s sidecar saw connections it should not have: {extra}"
@@ -161,50 +182,50 @@ class BackendContract:
         return found
 
     # --- outbound ---------------------------------------------------------------------------
-    def test_outbound_goes_through_the_sidecar_with_the_true_original_destination(self, world):
+    def test_outbound_goes_through_the_sidecar_with_the_true_original_destination(self, world, via):
         client, remote = world.client, world.remote
         self.enable(client)
-        reply = client.connect(remote.ip, APP_PORT, send=b"hello")
+        reply = client.connect(remote.address(via), APP_PORT, send=b"hello")
         assert reply.greeting()["pod"] == "remote"
         assert not reply.direct, "the server saw the client itself: nothing intercepted the connection"
         entry = self.outbound_entry(world, client, reply)
-        assert entry["original_dst"] == f"{remote.ip}:{APP_PORT}"
-        assert entry["upstream"] == f"{remote.ip}:{APP_PORT}" and entry["error"] is None
+        assert entry["original_dst"] == remote.endpoint(APP_PORT, via)
+        assert entry["upstream"] == remote.endpoint(APP_PORT, via) and entry["error"] is None
         assert reply.greeting()["peer"] == entry["upstream_local"], "the server must see the sidecar's connection"
         assert reply.trailer()["received"] == 5 and entry["bytes_up"] == 5
 
-    def test_excluded_outbound_ports_go_direct(self, world):
+    def test_excluded_outbound_ports_go_direct(self, world, via):
         client, remote = world.client, world.remote
         self.enable(client, exclude_outbound_ports=[OTHER_PORT])
         mark = world.sidecars["client"].mark()
-        direct = client.connect(remote.ip, OTHER_PORT)
+        direct = client.connect(remote.address(via), OTHER_PORT)
         assert direct.direct and direct.greeting()["port"] == OTHER_PORT
-        proxied = client.connect(remote.ip, APP_PORT)
+        proxied = client.connect(remote.address(via), APP_PORT)
         assert not proxied.direct
         entry = self.outbound_entry(world, client, proxied, since=mark)
-        assert entry["original_dst"] == f"{remote.ip}:{APP_PORT}"
+        assert entry["original_dst"] == remote.endpoint(APP_PORT, via)
         seen = {e["original_dst"] for e in world.sidecars["client"].connections(mark)}
-        assert f"{remote.ip}:{OTHER_PORT}" not in seen
+        assert remote.endpoint(OTHER_PORT, via) not in seen
 
-    def test_excluded_outbound_cidrs_go_direct(self, world):
+    def test_excluded_outbound_cidrs_go_direct(self, world, via):
         client, server, remote = world.client, world.server, world.remote
-        self.enable(client, exclude_outbound_cidrs=[str(remote.node.pod_cidr)])
-        assert client.connect(remote.ip, APP_PORT).direct
-        proxied = client.connect(server.ip, APP_PORT)
+        self.enable(client, exclude_outbound_cidrs=[self.cidr(remote.node, via)])
+        assert client.connect(remote.address(via), APP_PORT).direct
+        proxied = client.connect(server.address(via), APP_PORT)
         assert not proxied.direct
-        assert self.outbound_entry(world, client, proxied)["original_dst"] == f"{server.ip}:{APP_PORT}"
-        self.enable(client, exclude_outbound_cidrs=[f"{server.ip}/32"])
-        assert client.connect(server.ip, APP_PORT).direct
-        assert not client.connect(remote.ip, APP_PORT).direct
+        assert self.outbound_entry(world, client, proxied)["original_dst"] == server.endpoint(APP_PORT, via)
+        self.enable(client, exclude_outbound_cidrs=[self.cidr(server, via)])
+        assert client.connect(server.address(via), APP_PORT).direct
+        assert not client.connect(remote.address(via), APP_PORT).direct
 
-    def test_the_proxy_uid_is_not_intercepted_and_the_sidecar_does_not_loop(self, world):
+    def test_the_proxy_uid_is_not_intercepted_and_the_sidecar_does_not_loop(self, world, via):
         client, remote = world.client, world.remote
         spec = self.enable(client)["spec"]
         mark = world.sidecars["client"].mark()
-        own = client.connect(remote.ip, APP_PORT, uid=spec["proxy_uid"])
+        own = client.connect(remote.address(via), APP_PORT, uid=spec["proxy_uid"])
         assert own.direct, "a connection of the proxy UID was redirected"
         self.assert_untouched_sidecar(world, client, mark)
-        app = client.connect(remote.ip, APP_PORT)
+        app = client.connect(remote.address(via), APP_PORT)
         entry = self.outbound_entry(world, client, app, since=mark)
         # The sidecar's own upstream connection must not come back to it as a second entry.
         again = world.sidecars["client"].wait_for(since=mark, count=2, timeout=0.3)
@@ -212,99 +233,99 @@ class BackendContract:
 
     # --- inbound ----------------------------------------------------------------------------
     @pytest.mark.parametrize("source", ["bystander", "remote"], ids=["same-node", "cross-node"])
-    def test_inbound_goes_through_the_sidecar(self, world, source):
+    def test_inbound_goes_through_the_sidecar(self, world, source, via):
         server, src = world.server, world.pods[source]
         self.enable(server)
-        reply = src.connect(server.ip, APP_PORT, send=b"in")
+        reply = src.connect(server.address(via), APP_PORT, send=b"in")
         assert reply.greeting()["pod"] == "server"
         entry = self.inbound_entry(world, server, reply.local)
-        assert entry["original_dst"] == f"{server.ip}:{APP_PORT}" and entry["error"] is None
+        assert entry["original_dst"] == server.endpoint(APP_PORT, via) and entry["error"] is None
         seen_by_app = reply.greeting()["peer"]
         assert seen_by_app == entry["upstream_local"], "the app must see the connection coming from the sidecar"
-        assert seen_by_app.startswith("127.0.0.1:")
-        assert reply.greeting()["local"] == f"127.0.0.1:{APP_PORT}"
+        assert seen_by_app.startswith(self.loopback(via))
+        assert reply.greeting()["local"] == f"{self.loopback(via)}{APP_PORT}"
         assert reply.trailer()["received"] == 2
 
-    def test_excluded_inbound_ports_go_direct(self, world):
+    def test_excluded_inbound_ports_go_direct(self, world, via):
         server, src = world.server, world.bystander
         self.enable(server, exclude_inbound_ports=[OTHER_PORT])
         mark = world.sidecars["server"].mark()
-        assert src.connect(server.ip, OTHER_PORT).direct
-        proxied = src.connect(server.ip, APP_PORT)
+        assert src.connect(server.address(via), OTHER_PORT).direct
+        proxied = src.connect(server.address(via), APP_PORT)
         assert not proxied.direct
         self.inbound_entry(world, server, proxied.local, since=mark)
-        assert f"{server.ip}:{OTHER_PORT}" not in {e["original_dst"] for e in world.sidecars["server"].connections(mark)}
+        assert server.endpoint(OTHER_PORT, via) not in {e["original_dst"] for e in world.sidecars["server"].connections(mark)}
 
-    def test_included_inbound_ports_restrict_interception(self, world):
+    def test_included_inbound_ports_restrict_interception(self, world, via):
         server, src = world.server, world.remote
         self.enable(server, include_inbound_ports=[APP_PORT])
-        proxied = src.connect(server.ip, APP_PORT)
+        proxied = src.connect(server.address(via), APP_PORT)
         assert not proxied.direct
-        assert self.inbound_entry(world, server, proxied.local)["original_dst"] == f"{server.ip}:{APP_PORT}"
-        assert src.connect(server.ip, OTHER_PORT).direct
+        assert self.inbound_entry(world, server, proxied.local)["original_dst"] == server.endpoint(APP_PORT, via)
+        assert src.connect(server.address(via), OTHER_PORT).direct
 
     # --- both ends --------------------------------------------------------------------------
     @pytest.mark.parametrize("dest", ["server", "remote"], ids=["same-node", "cross-node"])
-    def test_client_and_server_both_intercepted(self, world, dest):
+    def test_client_and_server_both_intercepted(self, world, dest, via):
         client, target = world.client, world.pods[dest]
         self.enable(client)
         self.enable(target)
-        reply = client.connect(target.ip, APP_PORT, send=b"both")
+        reply = client.connect(target.address(via), APP_PORT, send=b"both")
         out = self.outbound_entry(world, client, reply)
-        assert out["original_dst"] == f"{target.ip}:{APP_PORT}"
+        assert out["original_dst"] == target.endpoint(APP_PORT, via)
         inbound = self.inbound_entry(world, target, out["upstream_local"])
-        assert inbound["original_dst"] == f"{target.ip}:{APP_PORT}"
+        assert inbound["original_dst"] == target.endpoint(APP_PORT, via)
         assert reply.greeting()["peer"] == inbound["upstream_local"]
         assert reply.trailer()["received"] == 4
 
-    def test_long_transfer_arrives_intact_through_both_sidecars(self, world):
+    def test_long_transfer_arrives_intact_through_both_sidecars(self, world, via):
         client, remote = world.client, world.remote
         self.enable(client)
         self.enable(remote)
-        result = client.transfer(remote.ip, OTHER_PORT, up=20 * MB, down=20 * MB)
+        result = client.transfer(remote.address(via), OTHER_PORT, up=20 * MB, down=20 * MB)
         assert result.intact, f"sha256 mismatch: {result}"
         assert result.sent == result.received == 20 * MB
-        assert result.greeting["pod"] == "remote" and result.greeting["peer"].startswith("127.0.0.1:")
+        assert result.greeting["pod"] == "remote" and result.greeting["peer"].startswith(self.loopback(via))
         out = world.sidecars["client"].wait_for(lambda e: e["peer"] == result.local)
-        assert len(out) == 1 and out[0]["original_dst"] == f"{remote.ip}:{OTHER_PORT}"
+        assert len(out) == 1 and out[0]["original_dst"] == remote.endpoint(OTHER_PORT, via)
         assert out[0]["bytes_up"] > 20 * MB and out[0]["bytes_down"] > 20 * MB
 
-    def test_many_concurrent_connections_all_arrive(self, world):
+    def test_many_concurrent_connections_all_arrive(self, world, via):
         client, remote = world.client, world.remote
         self.enable(client)
         self.enable(remote)
         mark = world.sidecars["remote"].mark()
-        summary = client.connect_many(remote.ip, APP_PORT, count=200, parallel=40)
+        summary = client.connect_many(remote.address(via), APP_PORT, count=200, parallel=40)
         assert summary == {"ok": 200, "failed": 0, "errors": {}, "greetings": {"remote": 200}}
         logged = world.sidecars["remote"].wait_for(lambda e: e["direction"] == "inbound", since=mark, count=200)
         # HAProxy writes its log without blocking and drops lines in a burst; ours logs every one.
         assert len(logged) >= (200 if self.sidecar_kind == "project" else 180)
 
     # --- scope ------------------------------------------------------------------------------
-    def test_a_namespace_that_is_not_enabled_is_untouched(self, world):
+    def test_a_namespace_that_is_not_enabled_is_untouched(self, world, via):
         client, bystander, remote = world.client, world.bystander, world.remote
         assert bystander.cgroup_path == client.cgroup_path, "same node, same cgroup: the hard case"
         self.enable(client)
         mark = world.sidecars["bystander"].mark()
-        assert bystander.connect(remote.ip, APP_PORT).direct
-        assert remote.connect(bystander.ip, APP_PORT).direct
-        assert client.connect(bystander.ip, APP_PORT).greeting()["pod"] == "bystander"
+        assert bystander.connect(remote.address(via), APP_PORT).direct
+        assert remote.connect(bystander.address(via), APP_PORT).direct
+        assert client.connect(bystander.address(via), APP_PORT).greeting()["pod"] == "bystander"
         self.assert_untouched_sidecar(world, bystander, mark)
-        assert not client.connect(remote.ip, APP_PORT).direct, "while the enabled neighbour is intercepted"
+        assert not client.connect(remote.address(via), APP_PORT).direct, "while the enabled neighbour is intercepted"
 
     # --- lifecycle --------------------------------------------------------------------------
-    def test_disable_restores_direct_traffic_and_leaves_nothing(self, world):
+    def test_disable_restores_direct_traffic_and_leaves_nothing(self, world, via):
         client, server = world.client, world.server
         self.enable(client)
         self.enable(server)
-        assert not client.connect(server.ip, APP_PORT).direct
+        assert not client.connect(server.address(via), APP_PORT).direct
         manager = client.node.manager()
         records = {r.name: r for r in manager.records()}
         assert set(records) == {client.netns.name, server.netns.name}
         assert self.disable(client)["changed"] and self.disable(server)["changed"]
         mark = {name: world.sidecars[name].mark() for name in ("client", "server")}
-        assert client.connect(server.ip, APP_PORT).direct
-        assert server.connect(client.ip, OTHER_PORT).direct
+        assert client.connect(server.address(via), APP_PORT).direct
+        assert server.connect(client.address(via), OTHER_PORT).direct
         for name in ("client", "server"):
             self.assert_untouched_sidecar(world, world.pods[name], mark[name])
         assert manager.status()["namespaces"] == []
@@ -314,7 +335,7 @@ class BackendContract:
             assert live["in_place"] is False, f"the backend still reports interception in {pod.name}: {live}"
             assert self.leftovers(world, pod) == []
 
-    def test_enable_twice_and_disable_twice_are_harmless(self, world):
+    def test_enable_twice_and_disable_twice_are_harmless(self, world, via):
         client, remote = world.client, world.remote
         first = self.enable(client)
         second = self.enable(client)
@@ -322,23 +343,23 @@ class BackendContract:
         [item] = self.status(client)
         assert item["mode"] == self.mode and item["spec"] == self.spec().to_dict()
         assert item["live"].get("in_place") is True, item["live"]
-        reply = client.connect(remote.ip, APP_PORT)
+        reply = client.connect(remote.address(via), APP_PORT)
         assert not reply.direct
         self.outbound_entry(world, client, reply)
         assert self.disable(client)["changed"] is True
         assert self.disable(client)["changed"] is False
         assert self.status(client) == []
-        assert client.connect(remote.ip, APP_PORT).direct
+        assert client.connect(remote.address(via), APP_PORT).direct
         assert self.leftovers(world, client) == []
 
-    def test_enabling_with_a_changed_spec_replaces_the_old_one(self, world):
+    def test_enabling_with_a_changed_spec_replaces_the_old_one(self, world, via):
         client, remote = world.client, world.remote
         self.enable(client, exclude_outbound_ports=[APP_PORT])
-        assert client.connect(remote.ip, APP_PORT).direct
-        assert not client.connect(remote.ip, OTHER_PORT).direct
+        assert client.connect(remote.address(via), APP_PORT).direct
+        assert not client.connect(remote.address(via), OTHER_PORT).direct
         changed = self.enable(client, exclude_outbound_ports=[OTHER_PORT])
         assert changed["changed"] is True
-        assert not client.connect(remote.ip, APP_PORT).direct
-        assert client.connect(remote.ip, OTHER_PORT).direct
+        assert not client.connect(remote.address(via), APP_PORT).direct
+        assert client.connect(remote.address(via), OTHER_PORT).direct
         [item] = self.status(client)
         assert item["spec"]["exclude_outbound_ports"] == [OTHER_PORT]
