@@ -169,7 +169,7 @@ def test_managed_and_unmanaged_namespaces_in_the_same_cgroup(world):
     assert not proxied.direct
     dump = ebpf_maps.dump(client.node.node, client.node.manager().records())
     assert [row["namespace"] for row in dump["config"]] == [client.netns.name]
-    assert {row["ip"] for row in dump["podip"]} == {client.ip}
+    assert {row["ip"] for row in dump["podip"]} == {client.ip, client.ip6}
 
 
 @pytest.mark.parametrize("path", ["sk_lookup", "tc"])

@@ -383,3 +383,52 @@ def test_a_clsact_qdisc_and_filters_someone_else_made_survive_enable_and_disable
     out = subprocess.run(["ip", "netns", "exec", a.netns.name, "tc", "filter", "show", "dev", "eth0", "ingress"],
                          capture_output=True, text=True, check=True).stdout
     assert "u32" in out and "bpf" not in out
+
+
+def test_ipv6_outbound_in_trace_and_maps_dump(node):
+    a, b = node.add_pod("a"), node.add_pod("b")
+    b.start_server(8080)
+    sidecar = a.start_sidecar()
+    manager = Manager(node.node)
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(debug=True))
+    cookie = manager.record(a.netns).extra["netns_cookie"]
+    assert set(manager.record(a.netns).extra["pod_ips"]) == {a.ip, a.ip6}
+    events = []
+    import threading
+
+    reader = threading.Thread(target=lambda: events.extend(
+        ebpf_trace.stream(node.node, {cookie: a.netns.name}, cookie, duration=8, limit=4)))
+    reader.start()
+    time.sleep(0.3)
+    assert not a.connect(b.ip6, 8080).direct
+    reader.join()
+    assert [e["event"] for e in events] == ["connect-out", "established", "claimed", "origdst"], events
+    assert events[0]["dst"] == f"[{b.ip6}]:8080" and events[0]["to"] == "[::1]:15001"
+    assert events[3]["to"] == f"[{b.ip6}]:8080"
+    assert sidecar.wait_for(count=1)[0]["original_dst"] == f"[{b.ip6}]:8080"
+    dump = ebpf_maps.dump(node.node, manager.records())
+    assert {r["ip"] for r in dump["podip"]} == {a.ip, a.ip6}
+    assert dump["config"][0]["families"] == ["ipv4", "ipv6"]
+    assert {r["family"] for r in dump["listen"]} == {"ipv6"}  # the sidecar's dual-stack listener
+    counters = manager.status(a.netns.name)["namespaces"][0]["live"]["counters"]
+    assert counters["redirected_out"] == counters["redirected_out6"] == 1
+
+
+def test_v4_mapped_destinations_of_ipv6_sockets_follow_the_ipv4_rules(node):
+    a, b = node.add_pod("a"), node.add_pod("b")
+    b.start_server(8080)
+    sidecar = a.start_sidecar()
+    manager = Manager(node.node)
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(exclude_outbound_cidrs=[f"{b.ip}/32"]))
+    assert a.connect(f"::ffff:{b.ip}", 8080).direct, "an IPv4 exclusion covers the v4-mapped address"
+    assert not a.connect(b.ip6, 8080).direct
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(families=["ipv6"]))
+    assert a.connect(f"::ffff:{b.ip}", 8080).direct, "--family ipv6 leaves v4-mapped (IPv4) alone"
+    manager.enable(a.netns.name, "ebpf", InterceptSpec())
+    mark = sidecar.mark()
+    assert not a.connect(f"::ffff:{b.ip}", 8080).direct
+    assert sidecar.wait_for(since=mark)[0]["original_dst"] == f"{b.ip}:8080"
+    a.start_server(9090)
+    mark = sidecar.mark()
+    assert a.connect("::1", 9090).direct and a.connect("::ffff:127.0.0.1", 9090).direct  # loopback never
+    assert sidecar.connections(mark) == []
