@@ -258,6 +258,29 @@ def link_detach(link_fd: int) -> None:
     sys_bpf(uapi.BPF_LINK_DETACH, uapi.LinkDetachAttr(link_fd=link_fd), "link detach")
 
 
+def unpin_link(path: str) -> bool:
+    """Detach a pinned link (if still attached) and unpin it; False when there was none."""
+    try:
+        fd = obj_get(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                link_detach(fd)
+            except OSError:
+                pass  # already detached (its device or namespace went away)
+    finally:
+        close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
     attr = uapi.ProgAttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type, attach_flags=flags)
     sys_bpf(uapi.BPF_PROG_ATTACH, attr, "prog attach")

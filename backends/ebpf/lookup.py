@@ -75,26 +75,8 @@ def attach(pins: NodePins, netns: Netns, cookie: int) -> Tuple[str, bool]:
 
 
 def unpin(path: str) -> bool:
-    """Detach and unpin a pinned link; False when there was none."""
-    try:
-        fd = bpfsys.obj_get(path)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        fd = None
-    try:
-        if fd is not None:
-            try:
-                bpfsys.link_detach(fd)
-            except OSError:
-                pass  # already detached (the namespace went away)
-    finally:
-        bpfsys.close(fd)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
+    """Detach and unpin a namespace's link; False when there was none."""
+    return bpfsys.unpin_link(path)
 
 
 # --- the sidecar's listener ------------------------------------------------------------------

@@ -63,26 +63,7 @@ def _tcx_ours(ifindex: int, direction: str) -> bool:
     return False
 
 
-def _unpin_link(path: str) -> bool:
-    try:
-        fd = bpfsys.obj_get(path)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        fd = None
-    try:
-        if fd is not None:
-            try:
-                bpfsys.link_detach(fd)
-            except OSError:
-                pass  # already detached (device gone)
-    finally:
-        bpfsys.close(fd)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
+_unpin_link = bpfsys.unpin_link
 
 
 def tcx_link_alive(path: str, ifindex: int) -> bool:
