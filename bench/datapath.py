@@ -267,7 +267,10 @@ class DataPathBench:
         for mode in ("ebpf", "ebpf-tc", "ebpf-accel"):
             if mode in active:
                 self.log(f"  {mode}: per-program profile (bpf_stats)")
-                profiles[mode] = self.profile_programs(mode, placements)
+                try:
+                    profiles[mode] = self.profile_programs(mode, placements)
+                except Exception as exc:  # noqa: BLE001 - the measured rounds must not be lost to it
+                    profiles[mode] = {"error": f"{type(exc).__name__}: {exc}"}
         for mode in active:
             self.clear(mode)
         return {
