@@ -46,7 +46,7 @@ from meshintercept.spec import InterceptSpec
 MODES = ["direct", "explicit", "iptables", "ebpf", "ebpf-tc", "ebpf-accel"]
 PLACEMENTS = ["same-node", "cross-node"]
 TESTS = ["keepalive", "close", "bulk"]
-BACKEND = {"iptables": ("iptables", {}), "ebpf": ("ebpf", {}), "ebpf-tc": ("ebpf", {"inbound_path": "tc"}),
+BACKEND = {"iptables": ("iptables", {}), "ebpf": ("ebpf", {}), "ebpf-tc": ("ebpf", {"inbound_path": "tc", "families": ["ipv4"]}),
            "ebpf-accel": ("ebpf", {"accelerate": True})}
 EXPLICIT_PORT = {"same-node": apps.EXPLICIT_OUT, "cross-node": apps.EXPLICIT_OUT + 1}
 #: node pair of each mode, and the pod set it uses (direct and explicit share one)
