@@ -105,7 +105,13 @@ def cli(ctx, cgroup, pin_dir, state_dir, tc_attach, traceback):
 
     \b
       iptables  nat REDIRECT rules inside the pod's namespace (like Istio, Linkerd, osm)
-      ebpf      cgroup connect4/sockops/getsockopt + tc programs (osm-edge/merbridge design)
+      ebpf      cgroup connect4/connect6/sockops/getsockopt; inbound by sk_lookup (or tc)
+
+    \b
+    Sidecar contract: IPv4 outbound lands on 127.0.0.1:OUT, IPv6 on [::1]:OUT, inbound
+    on IN with the pod address; ask getsockopt(SOL_IP, SO_ORIGINAL_DST) on an IPv4
+    connection (also an AF_INET6 socket of a ::ffff:a.b.c.d peer: Java, .NET) and
+    getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) (optname 80) on an IPv6 one.
 
     \b
     Quick start:
@@ -133,6 +139,11 @@ def _spec_options(fn):
                           "sidecar's DNS port; replies reach the app from the server it asked."),
         click.option("--dns-port", envvar=_env("dns_port"), metavar="PORT", show_default=True, default="15053",
                      help="Sidecar port receiving captured DNS (UDP and TCP), with --capture-dns."),
+        click.option("--inbound-path", "inbound_path", envvar=_env("inbound_path"), metavar="sk_lookup|tc",
+                     default=None, help="ebpf: how inbound reaches the sidecar. sk_lookup (default): new connections "
+                     "to a redirected port are handed to the sidecar's inbound listener, IPv4 and IPv6, nothing "
+                     "rewritten, refused while no sidecar listens. tc: the seed's port rewrite on the pod's "
+                     "interfaces, IPv4 only."),
         click.option("--debug", is_flag=True, envvar=_env("debug"),
                      help="ebpf: programs log each decision to trace_pipe and to 'meshintercept trace'."),
         click.option("--include-inbound-port", "include_inbound_ports", multiple=True, envvar=_env("include_inbound_port"),

@@ -329,10 +329,10 @@ class Sidecar:
         return orig, None
 
     def _loops(self, orig: Addr, local: Addr) -> bool:
-        """Would forwarding to orig reach one of our own listeners?"""
+        """Would forwarding to orig reach one of our own listeners? (orig == local alone is no
+        loop: where interception steers sockets instead of rewriting them, sk_lookup or
+        TPROXY, the accepted socket's local address is the original destination.)"""
         local = (plain(local[0]), local[1])
-        if orig == local:
-            return True
         if orig[1] in self.ports.values():
             ip = ipaddress.ip_address(orig[0])
             return ip.is_loopback or ip.is_unspecified or orig[0] == local[0]

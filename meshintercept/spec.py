@@ -111,6 +111,18 @@ def parse_bool(value, what: str) -> bool:
     raise UsageError(f"{what} {value!r} is not a boolean; write true or false.")
 
 
+#: How the ebpf mode steers inbound connections: sk_lookup (default; IPv4 and IPv6, no packet
+#: rewritten) or tc (the seed's port rewrite on the pod's interfaces; IPv4 only).
+INBOUND_PATHS = ("sk_lookup", "tc")
+
+
+def parse_inbound_path(value) -> str:
+    text = str(value).strip().lower().replace("-", "_")
+    if text not in INBOUND_PATHS:
+        raise UsageError(f"inbound path {value!r} is not one of {', '.join(INBOUND_PATHS)}.")
+    return text
+
+
 def parse_uid(value) -> int:
     text = str(value).strip()
     try:
@@ -139,6 +151,8 @@ class InterceptSpec:
     debug: bool = False
     #: eBPF only: sockhash + sk_msg redirect between local sockets (opt-in, fail-open).
     accelerate: bool = False
+    #: eBPF only: inbound by sk_lookup (default) or by the tc port rewrite (IPv4 only).
+    inbound_path: str = INBOUND_PATHS[0]
     #: Send the app's DNS (UDP and TCP port 53, any address but loopback) to the sidecar's DNS port.
     capture_dns: bool = False
     dns_port: int = DEFAULT_DNS_PORT
@@ -175,6 +189,8 @@ class InterceptSpec:
         kwargs["capture_dns"] = parse_bool(options.get("capture_dns", False), "capture_dns")
         if options.get("dns_port") is not None:
             kwargs["dns_port"] = parse_port(options["dns_port"], "DNS port")
+        if options.get("inbound_path") is not None:
+            kwargs["inbound_path"] = parse_inbound_path(options["inbound_path"])
         unknown = set(options) - {f.name for f in fields(cls)}
         if unknown:
             raise UsageError(f"unknown spec field(s) {', '.join(sorted(unknown))}; see 'meshintercept enable --help'.")

@@ -12,11 +12,16 @@ from meshintercept.lab.contract import BackendContract, HttpSidecarContract
 
 pytestmark = pytest.mark.root
 
-#: (class name part, mode, spec defaults, the ways of reaching a peer the mode intercepts)
+#: (class name part, mode, spec defaults, the ways of reaching a peer the mode intercepts). The
+#: ebpf mode runs on both inbound paths: sk_lookup (the default, both families) and the seed's
+#: tc path (IPv4 only: its classes intercept IPv4 and leave IPv6 alone with --family ipv4).
 BACKENDS = [
     ("Iptables", "iptables", {}, ("ipv4", "v4mapped", "ipv6")),
-    ("Ebpf", "ebpf", {}, ("ipv4",)),
-    ("EbpfAccelerated", "ebpf", {"accelerate": True}, ("ipv4",)),
+    ("Ebpf", "ebpf", {}, ("ipv4", "v4mapped", "ipv6")),
+    ("EbpfAccelerated", "ebpf", {"accelerate": True}, ("ipv4", "v4mapped", "ipv6")),
+    ("EbpfTc", "ebpf", {"inbound_path": "tc", "families": ["ipv4"]}, ("ipv4", "v4mapped")),
+    ("EbpfTcAccelerated", "ebpf", {"inbound_path": "tc", "families": ["ipv4"], "accelerate": True},
+     ("ipv4", "v4mapped")),
 ]
 #: HAProxy 2.6 reads no IPv6 original destination (it connects back to itself).
 SIDECARS = [("ProjectSidecar", "project", ("ipv4", "v4mapped", "ipv6")), ("Haproxy", "haproxy", ("ipv4", "v4mapped"))]
