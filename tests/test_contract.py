@@ -8,7 +8,7 @@ as without acceleration: the event-driven project sidecar and HAProxy.
 
 import pytest
 
-from meshintercept.lab.contract import BackendContract, HttpSidecarContract
+from meshintercept.lab.contract import BackendContract, DnsContract, HttpSidecarContract
 
 pytestmark = pytest.mark.root
 
@@ -41,3 +41,12 @@ for _label, _mode, _base, _vias in BACKENDS:
     _cls = type(_name, (HttpSidecarContract,), {"mode": _mode, "base_spec": dict(_base), "vias": _vias,
                                                 "__module__": __name__, "__qualname__": _name})
     globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls
+
+# --capture-dns, with the project's forwarder and with Debian's dnsmasq as the pod's DNS sidecar.
+for _label, _mode, _base, _vias in [b for b in BACKENDS if b[1] != "ebpf"]:  # ebpf: not yet
+    for _dns in ("project", "dnsmasq"):
+        _name = f"Test{_label}Dns{_dns.capitalize()}"
+        _cls = type(_name, (DnsContract,), {"mode": _mode, "base_spec": dict(_base), "dns_sidecar": _dns,
+                                            "vias": tuple(v for v in ("ipv4", "ipv6") if v in _vias),
+                                            "__module__": __name__, "__qualname__": _name})
+        globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls

@@ -235,8 +235,11 @@ def config_from_spec(spec, accelerate: bool = None, families: Iterable[str] = ("
 
 
 def limit_problems(spec) -> list:
-    """Sentences for every list of the spec longer than the programs hold (never truncate)."""
+    """Sentences for every list of the spec longer than the programs hold (never truncate), and
+    for what the programs cannot do yet."""
     out = []
+    if spec.capture_dns:
+        out.append("the ebpf mode does not capture DNS yet (use --mode iptables for --capture-dns)")
     for what, values, limit in (
         ("excluded outbound ports", spec.exclude_outbound_ports, MAX_PORTS),
         ("excluded inbound ports", spec.exclude_inbound_ports, MAX_PORTS),
