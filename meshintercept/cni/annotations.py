@@ -16,6 +16,7 @@ Accepted, per setting (first the project's own ``meshintercept.io/`` names):
 | include_inbound_ports | meshintercept.io/include-inbound-ports, openservicemesh.io/inbound-port-inclusion-list, traffic.sidecar.istio.io/includeInboundPorts (``*`` = every port) |
 | exclude_outbound_cidrs | meshintercept.io/exclude-outbound-cidrs, openservicemesh.io/outbound-ip-range-exclusion-list, traffic.sidecar.istio.io/excludeOutboundIPRanges, traffic.kuma.io/exclude-outbound-ips |
 | outbound_port, inbound_port, proxy_uid, families | meshintercept.io/outbound-port, meshintercept.io/inbound-port, meshintercept.io/proxy-uid, meshintercept.io/families |
+| capture_dns, dns_port | meshintercept.io/capture-dns ("true"/"false"), meshintercept.io/dns-port |
 | mode | meshintercept.io/mode |
 
 Outbound inclusion lists (Istio ``includeOutboundPorts``/``includeOutboundIPRanges``, osm
@@ -58,6 +59,8 @@ SETTINGS: Dict[str, str] = {
     OWN + "inbound-port": "inbound_port",
     OWN + "proxy-uid": "proxy_uid",
     OWN + "families": "families",
+    OWN + "capture-dns": "capture_dns",
+    OWN + "dns-port": "dns_port",
     OWN + "mode": "mode",
 }
 #: Outbound inclusion lists: only "everything" can be honoured.
