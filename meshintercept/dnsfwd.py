@@ -186,11 +186,41 @@ def _ask_conntrack(client: Addr, local: Addr) -> Optional[Addr]:
 
 
 # --- forwarding ------------------------------------------------------------------------------
+def _ports_apps_do_not_pick() -> List[int]:
+    """Local ports outside the namespace's ephemeral range (net.ipv4.ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return [p for p in range(10000, 65536) if not low <= p <= high]
+
+
+def _bind_outside_ephemeral(sock: socket.socket) -> None:
+    """Send upstream queries from a port no app's resolver picks by itself.
+
+    conntrack keeps a UDP flow for 30 s after its last packet; if the app later sent a query
+    from the very port and to the very server of one of our (never NATed) upstream queries, it
+    would match our flow and go straight to the server, around the sidecar. Istio separates the
+    two with conntrack zones; keeping our source ports out of the ephemeral range does the same
+    without rules (an app binding one of those ports on purpose is not a resolver)."""
+    import random
+
+    ports = _ports_apps_do_not_pick()
+    for port in random.sample(ports, min(20, len(ports))):
+        try:
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", port))
+            return
+        except OSError:
+            continue
+
+
 def forward_udp(query: bytes, server: Addr, timeout: float = 3.0) -> Optional[bytes]:
     host = plain(server[0])
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.settimeout(timeout)
+        _bind_outside_ephemeral(sock)
         sock.connect((host, server[1]))
         sock.send(query)
         return sock.recv(65535)
