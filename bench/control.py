@@ -66,17 +66,17 @@ def map_memory(pin_dir: str) -> Dict:
 
 
 def program_stats(pin_dir: str) -> Dict[str, tuple]:
-    """(run_cnt, run_time_ns) of each pinned program (counted while bpf_stats_enabled is on)."""
+    """(run_cnt, run_time_ns) of each pinned program (counted while bpf_stats_enabled is on),
+    read with BPF_OBJ_GET_INFO_BY_FD (no bpftool)."""
+    from meshintercept.backends.ebpf import bpfsys
+    from meshintercept.backends.ebpf.pins import PROGRAMS, NodePins
+
     out = {}
-    for root, _dirs, files in os.walk(pin_dir):
-        for name in files:
-            if not name.startswith("prog_"):
-                continue
-            proc = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", os.path.join(root, name)],
-                                  capture_output=True, text=True)
-            if proc.returncode == 0:
-                info = json.loads(proc.stdout)
-                out[name[5:]] = (info.get("run_cnt", 0), info.get("run_time_ns", 0))
+    with NodePins(pin_dir) as pins:
+        for name in PROGRAMS:
+            if pins.has("prog", name):
+                info = bpfsys.prog_info(pins.prog(name))
+                out[name] = (info["run_cnt"], info["run_time_ns"])
     return out
 
 

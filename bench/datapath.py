@@ -22,7 +22,9 @@ Modes:
   iptables    wrk -> server:80, REDIRECTed to 15001, the sidecar connects to server:80,
               REDIRECTed to 15003 in the server pod (SO_ORIGINAL_DST from conntrack)
   nftables    the same path, redirected by the nftables mode's inet table instead
-  ebpf        same path, rewritten by the cgroup/tc programs (SO_ORIGINAL_DST from our program)
+  ebpf        same path: outbound rewritten by connect4, inbound steered by sk_lookup (the default
+              inbound path; SO_ORIGINAL_DST from our program)
+  ebpf-tc     ebpf with --inbound-path tc (the seed's tc port rewrite on the pod interfaces)
   ebpf-accel  ebpf with --accelerate (sockmap redirect between local sockets)
 
 Tests, each a bounded wrk run (one thread, ``connections`` connections, ``seconds`` long):
@@ -42,17 +44,17 @@ from typing import Dict, List
 from bench import apps
 from meshintercept.spec import InterceptSpec
 
-MODES = ["direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-accel"]
+MODES = ["direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-tc", "ebpf-accel"]
 PLACEMENTS = ["same-node", "cross-node"]
 TESTS = ["keepalive", "close", "bulk"]
 BACKEND = {"iptables": ("iptables", {}), "nftables": ("nftables", {}), "ebpf": ("ebpf", {}),
-           "ebpf-accel": ("ebpf", {"accelerate": True})}
+           "ebpf-tc": ("ebpf", {"inbound_path": "tc", "families": ["ipv4"]}), "ebpf-accel": ("ebpf", {"accelerate": True})}
 EXPLICIT_PORT = {"same-node": apps.EXPLICIT_OUT, "cross-node": apps.EXPLICIT_OUT + 1}
 #: node pair of each mode, and the pod set it uses (direct and explicit share one)
-PAIR = {"direct": 0, "explicit": 0, "iptables": 0, "nftables": 0, "ebpf": 1, "ebpf-accel": 2}
+PAIR = {"direct": 0, "explicit": 0, "iptables": 0, "nftables": 0, "ebpf": 1, "ebpf-accel": 2, "ebpf-tc": 3}
 POD_SET = {"direct": "plain", "explicit": "plain", "iptables": "ipt", "nftables": "nft", "ebpf": "ebpf",
-           "ebpf-accel": "accel"}
-NODES = 6
+           "ebpf-accel": "accel", "ebpf-tc": "ebpftc"}
+NODES = 8
 
 
 class ModeUnavailable(Exception):
@@ -265,10 +267,13 @@ class DataPathBench:
                                  + f"  cpu {res['cpu_us_per_req']:.1f} us/req err {res['errors']}  "
                                    f"load {res['load1']:.1f}")
         profiles = {}
-        for mode in ("ebpf", "ebpf-accel"):
+        for mode in ("ebpf", "ebpf-tc", "ebpf-accel"):
             if mode in active:
                 self.log(f"  {mode}: per-program profile (bpf_stats)")
-                profiles[mode] = self.profile_programs(mode, placements)
+                try:
+                    profiles[mode] = self.profile_programs(mode, placements)
+                except Exception as exc:  # noqa: BLE001 - the measured rounds must not be lost to it
+                    profiles[mode] = {"error": f"{type(exc).__name__}: {exc}"}
         for mode in active:
             self.clear(mode)
         return {

@@ -16,8 +16,8 @@ DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 CHART = os.path.join(ROOT, "docs", "benchmarks-datapath.png")
 CONTROL_CHART = os.path.join(ROOT, "docs", "benchmarks-control.png")
 BEGIN, END = "<!-- bench:generated:begin -->", "<!-- bench:generated:end -->"
-MODES = ["direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-accel"]
-MODE_LABEL = {"ebpf-accel": "ebpf --accelerate"}
+MODES = ["direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-tc", "ebpf-accel"]
+MODE_LABEL = {"ebpf": "ebpf (sk_lookup inbound)", "ebpf-tc": "ebpf --inbound-path tc", "ebpf-accel": "ebpf --accelerate"}
 
 TEMPLATE = f"""# Benchmarks
 
@@ -151,8 +151,8 @@ def chart(dp: Dict, path: str = CHART) -> Optional[str]:
              ("bulk", "bytes_per_s", "one long stream")]
     modes = [x for x in MODES if any(x in m[p] for p in placements)]
     fig, axes = plt.subplots(1, len(placements), figsize=(6 * len(placements), 4.2), sharey=True, squeeze=False)
-    colors = {"direct": "#999999", "explicit": "#4c72b0", "iptables": "#dd8452", "nftables": "#c44e52",
-              "ebpf": "#55a868", "ebpf-accel": "#8172b3"}
+    colors = {"direct": "#999999", "explicit": "#4c72b0", "iptables": "#dd8452", "nftables": "#937860",
+              "ebpf": "#55a868", "ebpf-tc": "#c44e52", "ebpf-accel": "#8172b3"}
     width = 0.8 / max(len(modes), 1)
     for ax, placement in zip(axes[0], placements):
         for i, mode in enumerate(modes):
@@ -191,7 +191,7 @@ def control_chart(cp: Dict, path: str = CONTROL_CHART) -> Optional[str]:
     if not backends:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    colors = {"iptables": "#dd8452", "nftables": "#c44e52", "ebpf": "#55a868"}
+    colors = {"iptables": "#dd8452", "nftables": "#937860", "ebpf": "#55a868"}
     tops = {}
     for mode, b in backends.items():
         for ax, key in zip(axes, ("enable", "disable")):
@@ -404,6 +404,23 @@ def targets(res: Dict) -> List[str]:
         for name, value, per_cpu, rounds, want in checks:
             verdict = "–" if value is None else ("met" if value >= want else "**missed**")
             rows.append((name, f"{f_ratio3(value)} (rounds {rounds}; per CPU {f_ratio3(per_cpu)})", verdict))
+        # Issue 12: the default (sk_lookup) path on every data-path row, both placements; tc beside it.
+        for mode in ("ebpf", "ebpf-tc"):
+            for placement in dp.get("placements", []):
+                for test, key in (("keepalive", "rps"), ("close", "rps"), ("bulk", "bytes_per_s")):
+                    for base, want in (("explicit", 0.98), ("iptables", 1.0)):
+                        v = ratio(metric(m, placement, mode, test, key), metric(m, placement, base, test, key))
+                        if v is None:
+                            continue
+                        label = (f"`{MODE_LABEL.get(mode, mode)}` {test} ≥ {want:.2f} × `{base}` ({placement})")
+                        verdict = ("met" if v >= want else "**missed**") if mode == "ebpf" else "for comparison"
+                        rows.append((label, f_ratio3(v), verdict))
+        prof = (dp.get("program_profile") or {}).get("ebpf", {})
+        for case in ("same-node/keepalive", "cross-node/keepalive"):
+            if case in prof:
+                runs = sum(r["runs_per_req"] for r in prof[case]["programs"])
+                rows.append((f"`ebpf` 0 program runs per request on established inbound connections ({case})",
+                             f"{runs:.3f} runs/req (all programs, both nodes)", "met" if runs < 0.05 else "**missed**"))
         mc = datapath_medians(dp).get("cross-node", {})
         if mc:
             v = ratio(metric(m, "cross-node", "ebpf", "close", "rps"), metric(m, "cross-node", "iptables", "close", "rps"))

@@ -10,6 +10,10 @@
  * sidecar's socket closing (sockops). The namespace comes from the pod IP map, so the same
  * loaded program serves every pod and no per-attach configuration is needed.
  *
+ * IPv4 only: this is the seed's path, kept as a choice (--inbound-path tc); inbound over
+ * IPv6 needs the sk_lookup path, and enable refuses the tc path for a namespace whose
+ * spec wants IPv6 (docs/ebpf.md).
+ *
  * Never drops: every parse failure or miss returns TC_ACT_OK untouched.
  */
 #include <uapi/linux/if_ether.h>
@@ -105,11 +109,11 @@ static __always_inline void mi_tc_event(const struct mi_config *cfg, __u32 kind,
 
 	ev.kind = kind;
 	ev.netns = netns;
-	ev.src_ip = p->saddr;
+	mi_addr_v4(&ev.src_ip, p->saddr);
 	ev.src_port = p->sport;
-	ev.dst_ip = p->daddr;
+	mi_addr_v4(&ev.dst_ip, p->daddr);
 	ev.dst_port = p->dport;
-	ev.new_ip = p->daddr;
+	ev.new_ip = ev.dst_ip;
 	ev.new_port = new_port;
 	mi_emit(cfg, &ev);
 }
@@ -128,30 +132,30 @@ static __always_inline int __mi_tc_ingress(struct __sk_buff *skb)
 	ret = mi_parse(skb, &p);
 	if (ret)
 		return ret;
-	pod = mi1_podip.lookup(&p.daddr);
+	mi_addr_v4(&key.local_ip, p.daddr);
+	mi_addr_v4(&key.remote_ip, p.saddr);
+	pod = mi2_podip.lookup(&key.local_ip);
 	if (!pod)
 		return MI_E_NOTMANAGED;
 	netns = pod->netns;
-	cfg = mi1_config.lookup(&netns);
-	if (!cfg)
+	cfg = mi2_config.lookup(&netns);
+	if (!cfg || !(cfg->flags & MI_CFG_INBOUND_TC))
 		return MI_E_NOTMANAGED;
 	if (p.dport == cfg->inbound_port)
 		return MI_E_PROXY; /* already for the sidecar (same-node inbound via connect4) */
 	key.netns = netns;
-	key.local_ip = p.daddr;
 	key.local_port = cfg->inbound_port;
-	key.remote_ip = p.saddr;
 	key.remote_port = p.sport;
 
 	if ((p.tcp_flags & (MI_TCP_SYN | MI_TCP_ACK)) == MI_TCP_SYN) {
 		if (!mi_inbound_redirected(cfg, p.dport))
 			return MI_E_EXCLUDED;
-		orig.ip = p.daddr;
+		orig.ip = key.local_ip;
 		orig.port = p.dport;
 		orig.flags = MI_ORIG_INBOUND_TC;
 		orig.src_netns = netns;
 		orig.gen = bpf_ktime_get_ns();
-		if (mi1_origdst.update(&key, &orig)) {
+		if (mi2_origdst.update(&key, &orig)) {
 			MI_COUNT(netns, map_errors, 1);
 			return MI_E_NOMEM;
 		}
@@ -160,12 +164,12 @@ static __always_inline int __mi_tc_ingress(struct __sk_buff *skb)
 		mi_tc_event(cfg, MI_EV_TC_SYN, netns, &p, cfg->inbound_port);
 		return mi_set_port(skb, &p, 2, p.dport, cfg->inbound_port);
 	}
-	o = mi1_origdst.lookup(&key);
+	o = mi2_origdst.lookup(&key);
 	if (!o || !(o->flags & MI_ORIG_INBOUND_TC) || o->port != p.dport)
 		return MI_E_NOTMANAGED;
 	ret = mi_set_port(skb, &p, 2, p.dport, cfg->inbound_port);
 	if (mi_flow_done(o, p.tcp_flags, MI_ORIG_FIN_IN)) {
-		mi1_origdst.delete(&key);
+		mi2_origdst.delete(&key);
 		MI_COUNT(netns, flows_closed, 1);
 		mi_tc_event(cfg, MI_EV_TC_END, netns, &p, cfg->inbound_port);
 	}
@@ -186,26 +190,26 @@ static __always_inline int __mi_tc_egress(struct __sk_buff *skb)
 	ret = mi_parse(skb, &p);
 	if (ret)
 		return ret;
-	pod = mi1_podip.lookup(&p.saddr);
+	mi_addr_v4(&key.local_ip, p.saddr);
+	mi_addr_v4(&key.remote_ip, p.daddr);
+	pod = mi2_podip.lookup(&key.local_ip);
 	if (!pod)
 		return MI_E_NOTMANAGED;
 	netns = pod->netns;
-	cfg = mi1_config.lookup(&netns);
-	if (!cfg || p.sport != cfg->inbound_port)
+	cfg = mi2_config.lookup(&netns);
+	if (!cfg || !(cfg->flags & MI_CFG_INBOUND_TC) || p.sport != cfg->inbound_port)
 		return MI_E_NOTMANAGED;
 	key.netns = netns;
-	key.local_ip = p.saddr;
 	key.local_port = p.sport;
-	key.remote_ip = p.daddr;
 	key.remote_port = p.dport;
-	o = mi1_origdst.lookup(&key);
+	o = mi2_origdst.lookup(&key);
 	/* Entries from connect4 (same-node inbound) keep the IN port: the client dialled it. */
 	if (!o || !(o->flags & MI_ORIG_INBOUND_TC))
 		return MI_E_NOTMANAGED;
 	orig_port = o->port;
 	ret = mi_set_port(skb, &p, 0, p.sport, orig_port);
 	if (mi_flow_done(o, p.tcp_flags, MI_ORIG_FIN_OUT)) {
-		mi1_origdst.delete(&key);
+		mi2_origdst.delete(&key);
 		MI_COUNT(netns, flows_closed, 1);
 		mi_tc_event(cfg, MI_EV_TC_END, netns, &p, orig_port);
 	}

@@ -106,7 +106,13 @@ def cli(ctx, cgroup, pin_dir, state_dir, tc_attach, traceback):
     \b
       iptables  nat REDIRECT rules inside the pod's namespace (like Istio, Linkerd, osm)
       nftables  native nf_tables rules in one inet table of the pod's namespace
-      ebpf      cgroup connect4/sockops/getsockopt + tc programs (osm-edge/merbridge design)
+      ebpf      cgroup connect4/connect6/sockops/getsockopt; inbound by sk_lookup (or tc)
+
+    \b
+    Sidecar contract: IPv4 outbound lands on 127.0.0.1:OUT, IPv6 on [::1]:OUT, inbound
+    on IN with the pod address; ask getsockopt(SOL_IP, SO_ORIGINAL_DST) on an IPv4
+    connection (also an AF_INET6 socket of a ::ffff:a.b.c.d peer: Java, .NET) and
+    getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) (optname 80) on an IPv6 one.
 
     \b
     Quick start:
@@ -129,6 +135,16 @@ def _spec_options(fn):
     options = [
         click.option("--accelerate", is_flag=True, envvar=_env("accelerate"),
                      help="ebpf: redirect payload socket to socket with sockmap (opt-in, falls back to the normal path on any miss)."),
+        click.option("--capture-dns", is_flag=True, envvar=_env("capture_dns"),
+                     help="Send the app's DNS queries (UDP and TCP to port 53 of any address but loopback) to the "
+                          "sidecar's DNS port; replies reach the app from the server it asked."),
+        click.option("--dns-port", envvar=_env("dns_port"), metavar="PORT", show_default=True, default="15053",
+                     help="Sidecar port receiving captured DNS (UDP and TCP), with --capture-dns."),
+        click.option("--inbound-path", "inbound_path", envvar=_env("inbound_path"), metavar="sk_lookup|tc",
+                     default=None, help="ebpf: how inbound reaches the sidecar. sk_lookup (default): new connections "
+                     "to a redirected port are handed to the sidecar's inbound listener, IPv4 and IPv6, nothing "
+                     "rewritten, refused while no sidecar listens. tc: the seed's port rewrite on the pod's "
+                     "interfaces, IPv4 only."),
         click.option("--debug", is_flag=True, envvar=_env("debug"),
                      help="ebpf: programs log each decision to trace_pipe and to 'meshintercept trace'."),
         click.option("--include-inbound-port", "include_inbound_ports", multiple=True, envvar=_env("include_inbound_port"),
@@ -293,6 +309,31 @@ def demo(mode, keep):
     from meshintercept.demo import run_demo
 
     run_demo(mode, keep=keep, echo=click.echo)
+
+
+@cli.command()
+@click.option("--serve", "address", envvar=_env("metrics_address"), metavar="[HOST]:PORT",
+              help="Serve /metrics on this address until stopped, instead of printing once (the node agent "
+                   "does this; e.g. :9464).")
+@click.option("--cni-log", envvar=_env("cni_log_file"), metavar="PATH",
+              help="The CNI plugin's invocation log, for ADD/DEL counts and durations (default: the plugin's).")
+@pass_session
+def metrics(session, address, cni_log):
+    """Print the node's metrics in Prometheus text format (or serve them with --serve).
+
+    Per namespace: each backend's interception counters (redirected connections, original
+    destination answers and misses, map errors, rule packet counts, ...) and captured
+    families; per mode: intercepted namespaces; CNI ADD/DEL/CHECK counts by result and their
+    durations; for ebpf: when the programs were loaded and how many connections are tracked.
+    """
+    from meshintercept import metrics as metrics_mod
+    from meshintercept.cni.config import default_log_file
+
+    cni_log = cni_log or default_log_file()
+    if address:
+        metrics_mod.serve(lambda: session.manager, address, cni_log)
+        return
+    click.echo(metrics_mod.exposition(session.manager, cni_log).decode(), nl=False)
 
 
 def permission_advice(exc: PermissionError) -> str:

@@ -3,8 +3,8 @@
 Two nodes made of network namespaces, a client pod ``curl`` and ``pipy-ok`` v1 (same node)
 and v2 (other node). Every pod has the project's sidecar running as the proxy UID; the
 client's sidecar routes the service address to both versions. Interception is enabled in
-all three pods with the chosen mode, the client calls the service twice and both answers
-come back; the sidecars' logs show the path each call took. Everything is torn down at the
+all three pods with the chosen mode, the client calls the service twice over IPv4 and
+twice over IPv6 and both versions answer each time; the sidecars' logs show the path each call took. Everything is torn down at the
 end, also on Ctrl-C, and nothing is ever attached to the machine's root cgroup.
 """
 
@@ -16,6 +16,7 @@ from typing import Callable
 from meshintercept.spec import InterceptSpec
 
 SERVICE_IP = "10.231.200.1"
+SERVICE_IP6 = "fd00:231:200::1"
 SERVICE_PORT = 8080
 APP_PORT = 8080
 
@@ -56,26 +57,29 @@ def run_demo(mode: str, keep: bool = False, echo: Callable[[str], None] = print)
         v2 = cluster.add_pod(node2, "pipy-ok-v2")
         for pod, version in ((v1, "v1"), (v2, "v2")):
             pod.start_server(APP_PORT, reply=f"Hi, I am pipy ok {version} !\n", mode="http")
-        echo(f"  pods: curl {client.ip} ({node1.name}), pipy-ok-v1 {v1.ip} ({node1.name}), "
-             f"pipy-ok-v2 {v2.ip} ({node2.name})")
+        echo(f"  pods: curl {client.ip} {client.ip6} ({node1.name}), pipy-ok-v1 {v1.ip} {v1.ip6} ({node1.name}), "
+             f"pipy-ok-v2 {v2.ip} {v2.ip6} ({node2.name})")
         service = f"{SERVICE_IP}:{SERVICE_PORT}"
-        routes = {service: [f"{v1.ip}:{APP_PORT}", f"{v2.ip}:{APP_PORT}"]}
+        service6 = f"[{SERVICE_IP6}]:{SERVICE_PORT}"
+        routes = {service: [f"{v1.ip}:{APP_PORT}", f"{v2.ip}:{APP_PORT}"],
+                  service6: [f"[{v1.ip6}]:{APP_PORT}", f"[{v2.ip6}]:{APP_PORT}"]}
         sidecars = {
             "curl": client.start_sidecar("project", spec, routes=routes),
             "pipy-ok-v1": v1.start_sidecar("project", spec),
             "pipy-ok-v2": v2.start_sidecar("project", spec),
         }
         echo(f"  sidecars: uid {spec.proxy_uid}, outbound :{spec.outbound_port}, inbound :{spec.inbound_port}; "
-             f"service pipy-ok {service} -> v1, v2")
+             f"service pipy-ok {service} and {service6} -> v1, v2")
         for pod in (client, v1, v2):
             result = pod.node.manager().enable(pod.netns.path, mode, spec)
             echo(f"  enable --mode {mode} --netns {pod.netns.name}: {result['elapsed_ms']:.1f} ms")
 
-        echo(f"\n$ curl -s http://{service}/    # twice, from pod curl")
-        for _ in range(2):
-            raw = client.connect(SERVICE_IP, SERVICE_PORT, send=b"GET / HTTP/1.0\r\nHost: pipy-ok\r\n\r\n")
-            answers.append(_body(raw))
-            echo(answers[-1])
+        for address, shown in ((SERVICE_IP, service), (SERVICE_IP6, service6)):
+            echo(f"\n$ curl -s http://{shown}/    # twice, from pod curl")
+            for _ in range(2):
+                raw = client.connect(address, SERVICE_PORT, send=b"GET / HTTP/1.0\r\nHost: pipy-ok\r\n\r\n")
+                answers.append(_body(raw))
+                echo(answers[-1])
 
         echo("\npath, from the sidecars' logs (each read the original destination with SO_ORIGINAL_DST):")
         time.sleep(0.2)  # sidecars log a connection when it has closed
@@ -95,8 +99,9 @@ def run_demo(mode: str, keep: bool = False, echo: Callable[[str], None] = print)
             n.manager().disable_all()
     echo("done: namespaces, cgroups, pins and processes removed")
     expected = {"Hi, I am pipy ok v1 !", "Hi, I am pipy ok v2 !"}
-    if set(answers) != expected:
+    if set(answers[:2]) != expected or set(answers[2:]) != expected:
         from meshintercept.errors import BackendFailure
 
-        raise BackendFailure(f"the demo expected answers from v1 and v2 but got {answers!r}; run 'meshintercept doctor'.")
+        raise BackendFailure(f"the demo expected answers from v1 and v2 over IPv4 and over IPv6 but got {answers!r}; "
+                             "run 'meshintercept doctor'.")
     return answers

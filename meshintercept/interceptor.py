@@ -39,6 +39,18 @@ class Check:
         return {"name": self.name, "ok": self.ok, "warning": self.warning, "detail": self.detail, "fix": self.fix}
 
 
+@dataclass
+class Metric:
+    """One sample for `meshintercept metrics`: kind is counter, gauge or histogram (value: a
+    list of observations). Counter names are given without the ``_total`` suffix."""
+
+    name: str
+    kind: str
+    help: str
+    labels: Dict[str, str]
+    value: object
+
+
 class Interceptor(ABC):
     #: Mode name as typed after --mode; set by each backend.
     name: ClassVar[str] = ""
@@ -83,6 +95,11 @@ class Interceptor(ABC):
 
     def teardown(self) -> List[str]:
         """Remove node-wide objects (programs, pins, attachments); return what was removed."""
+        return []
+
+    def metrics(self, records: List[NamespaceRecord]) -> List[Metric]:
+        """Node-wide facts of this mode worth scraping (loaded programs, map fill); per-namespace
+        counters come from ``inspect`` and need nothing here."""
         return []
 
     def doctor(self, records: List[NamespaceRecord]) -> List[Check]:

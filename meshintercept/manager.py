@@ -42,7 +42,9 @@ class Manager:
         netns = Netns.parse(ns_ref)
         return cls(self.node).plan(netns, spec)
 
-    def enable(self, ns_ref: str, mode: str, spec: InterceptSpec) -> dict:
+    def enable(self, ns_ref: str, mode: str, spec: InterceptSpec, sources: Optional[Dict[str, str]] = None) -> dict:
+        """Intercept a namespace; ``sources`` says where each setting came from (the CNI
+        plugin: its config or a pod annotation), kept in the record for status."""
         registry.load(mode)  # unknown mode is a usage error, before the root check
         require_root("enable")
         netns = Netns.parse(ns_ref)
@@ -55,7 +57,8 @@ class Manager:
                     f"namespace {netns.name} is intercepted by mode {previous.mode}; "
                     f"run 'meshintercept disable --netns {netns.ref}' first."
                 )
-            if previous and previous.spec == spec and backend.inspect(previous, netns).get("in_place", True):
+            if (previous and previous.spec == spec and previous.sources == (sources or {})
+                    and backend.inspect(previous, netns).get("in_place", True)):
                 return self._result(previous, changed=False, started=started)
             try:
                 extra = backend.enable(netns, spec, previous)
@@ -68,6 +71,7 @@ class Manager:
             record = NamespaceRecord(
                 key=netns.key, ref=netns.ref, path=netns.path, name=netns.name, mode=mode, spec=spec,
                 enabled_at=previous.enabled_at if previous else time.time(), extra=extra or {},
+                sources=dict(sources or {}),
             )
             self._store.put(record)
         return self._result(record, changed=True, started=started)
@@ -242,7 +246,8 @@ class Manager:
     def _item(record: NamespaceRecord, netns: Optional[Netns], live: dict) -> dict:
         return {
             "namespace": record.name, "path": record.path, "mode": record.mode, "present": netns is not None,
-            "enabled_at": record.enabled_at, "spec": record.spec.to_dict(), "extra": record.extra, "live": live,
+            "enabled_at": record.enabled_at, "spec": record.spec.to_dict(), "sources": record.sources,
+            "extra": record.extra, "live": live,
         }
 
     # --- doctor -------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def render_status(data: dict) -> None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["enabled_at"]))
         console.print(f"[bold]{item['namespace']}[/]  {item['mode']}  {state}  "
                       f"out :{spec['outbound_port']} in :{spec['inbound_port']} uid {spec['proxy_uid']}  since {since}")
-        for line in _spec_lines(spec) + _live_lines(live):
+        sources = [f"{field} from {where}" for field, where in sorted((item.get("sources") or {}).items())]
+        for line in _spec_lines(spec) + (["settings: " + "; ".join(sources)] if sources else []) + _live_lines(live):
             console.print(f"  {line}")
 
 
@@ -74,6 +75,8 @@ def _spec_lines(spec: dict) -> list:
     if spec.get("families"):
         lines.append("families asked for: " + ", ".join(spec["families"]))
     flags = [name for name in ("debug", "accelerate") if spec.get(name)]
+    if spec.get("capture_dns"):
+        flags.append(f"capture DNS to :{spec.get('dns_port')}")
     if flags:
         lines.append("flags: " + ", ".join(flags))
     return lines

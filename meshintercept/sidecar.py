@@ -43,9 +43,10 @@ import threading
 import time
 from typing import Dict, IO, List, Optional, Sequence, Tuple
 
-SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>
-IP6T_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv6/ip6_tables.h>, at level SOL_IPV6
-SOL_IPV6 = 41
+try:
+    from meshintercept import dnsfwd
+except ImportError:  # run by path with the standard library only (the lab copies both files)
+    import dnsfwd
 BUFFER_SIZE = 256 * 1024  # per direction; one recv/send moves up to this much
 Addr = Tuple[str, int]
 
@@ -88,13 +89,7 @@ def original_dst(sock: socket.socket) -> Addr:
 
     An IPv4 connection is asked with SOL_IP even on an AF_INET6 socket (it is v4-mapped there:
     conntrack and the eBPF program both keep it as IPv4); an IPv6 one with SOL_IPV6."""
-    if sock.family == socket.AF_INET6 and plain(sock.getpeername()[0]) == sock.getpeername()[0]:
-        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
-        port, addr = struct.unpack("!2xH4x16s4x", raw[:28])
-        return socket.inet_ntop(socket.AF_INET6, addr), port
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port = struct.unpack("!H", raw[2:4])[0]
-    return socket.inet_ntoa(raw[4:8]), port
+    return dnsfwd.original_dst_tcp(sock)
 
 
 class ConnectionLog:
@@ -270,6 +265,7 @@ class Sidecar:
         routes: Optional[Dict[Addr, Sequence[Addr]]] = None,
         log: Optional[ConnectionLog] = None,
         connect_timeout: float = 5.0,
+        dns: Optional["dnsfwd.DnsForwarder"] = None,
     ):
         self.ports = {"outbound": outbound_port, "inbound": inbound_port}
         self.bind = bind
@@ -281,21 +277,28 @@ class Sidecar:
         self.log = log or ConnectionLog(sys.stdout)
         self.connect_timeout = connect_timeout
         self.listeners: Dict[str, socket.socket] = {}
+        self.dns = dns
         self._stop = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------
     def listen(self) -> None:
         for direction, port in self.ports.items():
             self.listeners[direction] = listen_socket(self.bind, port)
+        if self.dns:
+            self.dns.listen(listen_socket)
 
     def start(self) -> None:
         if not self.listeners:
             self.listen()
         for direction, sock in self.listeners.items():
             threading.Thread(target=self._accept_loop, args=(direction, sock), name=f"accept-{direction}", daemon=True).start()
+        if self.dns:
+            self.dns.start(lambda fn, *args: threading.Thread(target=fn, args=args, daemon=True).start())
 
     def close(self) -> None:
         self._stop.set()
+        if self.dns:
+            self.dns.close()
         for sock in self.listeners.values():
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -329,10 +332,10 @@ class Sidecar:
         return orig, None
 
     def _loops(self, orig: Addr, local: Addr) -> bool:
-        """Would forwarding to orig reach one of our own listeners?"""
+        """Would forwarding to orig reach one of our own listeners? (orig == local alone is no
+        loop: where interception steers sockets instead of rewriting them, sk_lookup or
+        TPROXY, the accepted socket's local address is the original destination.)"""
         local = (plain(local[0]), local[1])
-        if orig == local:
-            return True
         if orig[1] in self.ports.values():
             ip = ipaddress.ip_address(orig[0])
             return ip.is_loopback or ip.is_unspecified or orig[0] == local[0]
@@ -410,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uid", type=int, help="drop to this UID after binding (the proxy UID, e.g. 1500)")
     p.add_argument("--gid", type=int, help="drop to this GID (default: same as --uid)")
     p.add_argument("--connect-timeout", type=float, default=5.0)
+    p.add_argument("--dns-port", type=int, default=0,
+                   help="answer or forward captured DNS on this port, UDP and TCP (0: off; the mesh default is 15053)")
+    p.add_argument("--dns-hosts", help="hosts(5) file of names answered here; every other query is forwarded")
+    p.add_argument("--dns-upstream", metavar="IP:PORT",
+                   help="where UDP queries go when the original server cannot be learnt (see meshintercept.dnsfwd)")
     return p
 
 
@@ -421,8 +429,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
     stream = sys.stdout if args.log == "-" else open(args.log, "a", buffering=1)
+    log = ConnectionLog(stream)
+    dns = None
+    if args.dns_port:
+        try:
+            hosts = dnsfwd.load_hosts(args.dns_hosts)
+            upstream = parse_addr(args.dns_upstream) if args.dns_upstream else None
+        except (OSError, ValueError) as exc:
+            print(f"sidecar: DNS settings: {exc}", file=sys.stderr)
+            return 2
+        dns = dnsfwd.DnsForwarder(args.dns_port, hosts, upstream, log.write, fmt)
     sidecar = Sidecar(args.outbound_port, args.inbound_port, args.bind, args.inbound_target, args.inbound_target6,
-                      routes, ConnectionLog(stream), args.connect_timeout)
+                      routes, log, args.connect_timeout, dns)
     try:
         sidecar.listen()
     except OSError as exc:

@@ -14,6 +14,9 @@ from meshintercept.errors import UsageError
 DEFAULT_PROXY_UID = 1500
 DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15003
+#: merbridge's and Istio's DNS port.
+DEFAULT_DNS_PORT = 15053
+DNS_PORT = 53
 
 
 def parse_port(value, what: str = "port") -> int:
@@ -96,6 +99,30 @@ def plain_address(addr) -> ipaddress._BaseAddress:
     return ip
 
 
+def parse_bool(value, what: str) -> bool:
+    """A JSON/YAML boolean or the words a CNI config, an annotation or the environment use."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    word = str(value).strip().lower()
+    if word in ("true", "yes", "on", "1", "enabled"):
+        return True
+    if word in ("false", "no", "off", "0", "disabled", ""):
+        return False
+    raise UsageError(f"{what} {value!r} is not a boolean; write true or false.")
+
+
+#: How the ebpf mode steers inbound connections: sk_lookup (default; IPv4 and IPv6, no packet
+#: rewritten) or tc (the seed's port rewrite on the pod's interfaces; IPv4 only).
+INBOUND_PATHS = ("sk_lookup", "tc")
+
+
+def parse_inbound_path(value) -> str:
+    text = str(value).strip().lower().replace("-", "_")
+    if text not in INBOUND_PATHS:
+        raise UsageError(f"inbound path {value!r} is not one of {', '.join(INBOUND_PATHS)}.")
+    return text
+
+
 def parse_uid(value) -> int:
     text = str(value).strip()
     try:
@@ -124,6 +151,11 @@ class InterceptSpec:
     debug: bool = False
     #: eBPF only: sockhash + sk_msg redirect between local sockets (opt-in, fail-open).
     accelerate: bool = False
+    #: eBPF only: inbound by sk_lookup (default) or by the tc port rewrite (IPv4 only).
+    inbound_path: str = INBOUND_PATHS[0]
+    #: Send the app's DNS (UDP and TCP port 53, any address but loopback) to the sidecar's DNS port.
+    capture_dns: bool = False
+    dns_port: int = DEFAULT_DNS_PORT
 
     def __post_init__(self):
         if self.outbound_port == self.inbound_port:
@@ -133,6 +165,9 @@ class InterceptSpec:
         for port in self.include_inbound_ports:
             if port in self.exclude_inbound_ports:
                 raise UsageError(f"inbound port {port} is both included and excluded; keep it in one list only.")
+        if self.capture_dns and self.dns_port in (self.outbound_port, self.inbound_port):
+            raise UsageError(f"the DNS port {self.dns_port} is also the sidecar's {'outbound' if self.dns_port == self.outbound_port else 'inbound'} "
+                             "port; give --dns-port a port of its own.")
 
     @classmethod
     def build(cls, **options) -> "InterceptSpec":
@@ -149,8 +184,13 @@ class InterceptSpec:
         kwargs["include_inbound_ports"] = parse_ports(options.get("include_inbound_ports"), "included inbound port")
         kwargs["exclude_outbound_cidrs"] = parse_cidrs(options.get("exclude_outbound_cidrs"))
         kwargs["families"] = parse_families(options.get("families"))
-        kwargs["debug"] = bool(options.get("debug", False))
-        kwargs["accelerate"] = bool(options.get("accelerate", False))
+        kwargs["debug"] = parse_bool(options.get("debug", False), "debug")
+        kwargs["accelerate"] = parse_bool(options.get("accelerate", False), "accelerate")
+        kwargs["capture_dns"] = parse_bool(options.get("capture_dns", False), "capture_dns")
+        if options.get("dns_port") is not None:
+            kwargs["dns_port"] = parse_port(options["dns_port"], "DNS port")
+        if options.get("inbound_path") is not None:
+            kwargs["inbound_path"] = parse_inbound_path(options["inbound_path"])
         unknown = set(options) - {f.name for f in fields(cls)}
         if unknown:
             raise UsageError(f"unknown spec field(s) {', '.join(sorted(unknown))}; see 'meshintercept enable --help'.")
@@ -175,6 +215,11 @@ class InterceptSpec:
         if ip.is_loopback or port in self.exclude_outbound_ports:
             return False
         return not any(ip.version == net.version and ip in net for net in self.exclude_outbound_cidrs)
+
+    def dns_captured(self, addr: str, port: int = DNS_PORT) -> bool:
+        """The DNS rule every backend applies: queries to port 53, unless the proxy's own, to a
+        loopback resolver, or excluded (ports and CIDRs win)."""
+        return self.capture_dns and port == DNS_PORT and self.outbound_redirected(addr, port)
 
     def cidrs(self, version: int) -> Tuple[Network, ...]:
         """The excluded outbound CIDRs of one IP version (4 or 6)."""

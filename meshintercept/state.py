@@ -86,6 +86,9 @@ class NamespaceRecord:
     enabled_at: float = field(default_factory=time.time)
     #: Backend-owned facts (netns cookie, pod IPs, tc ifindexes, ...).
     extra: dict = field(default_factory=dict)
+    #: Where settings came from, by spec field ("CNI config", "annotation <name>"); empty for
+    #: the command line.
+    sources: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)

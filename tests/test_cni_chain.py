@@ -130,7 +130,7 @@ def test_add_intercepts_check_passes_del_restores(bed_factory, mode):
     assert entries[0]["pod"] == "default/app"
 
 
-@pytest.mark.parametrize("mode", MODES[:2])  # ebpf joins with its connect6 (datapath branch)
+@pytest.mark.parametrize("mode", MODES)
 def test_a_dual_stack_pod_is_intercepted_in_both_families_from_its_first_connection(bed_factory, mode):
     bed = bed_factory(mode, subnet6="fd00:231:96::/64")
     pod, result = bed.add_pod("dual")

@@ -22,12 +22,14 @@ import urllib.parse
 
 import pytest
 
+from meshintercept.cni import annotations as notes
 from meshintercept.cni import kube
 from meshintercept.cni.config import Selection
 from meshintercept.cni.runtime import PluginFailed
 from meshintercept.lab.cni_testbed import CniTestbed
 from meshintercept.manager import Manager
 from meshintercept.netns import Netns
+from meshintercept.spec import InterceptSpec
 from meshintercept.lab.cluster import TestCluster
 
 TOKEN = "stand-in-token"
@@ -350,3 +352,73 @@ def test_repair_without_api_by_name_and_process_namespaces(cluster, tmp_path):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+# --- per-pod settings from annotations ---------------------------------------------------------
+def test_annotations_of_every_mesh_family_map_onto_the_spec():
+    pod = pod_object("default", "p", annotations={
+        "openservicemesh.io/outbound-port-exclusion-list": "5432, 6379",
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.10/32,fd00:231:9::/48",
+        "traffic.sidecar.istio.io/includeOutboundIPRanges": "*",
+        "traffic.kuma.io/exclude-inbound-ports": "9901",
+        "meshintercept.io/proxy-uid": "1337",
+    })
+    spec, mode, sources = notes.apply(pod, InterceptSpec.build(exclude_outbound_ports=["22"]), "iptables")
+    assert mode == "iptables"
+    assert spec.exclude_outbound_ports == (5432, 6379)  # the annotation replaces the config's list
+    assert [str(n) for n in spec.exclude_outbound_cidrs] == ["10.96.0.10/32", "fd00:231:9::/48"]
+    assert spec.exclude_inbound_ports == (9901,) and spec.proxy_uid == 1337
+    assert sources == {"exclude_outbound_ports": "annotation openservicemesh.io/outbound-port-exclusion-list",
+                       "exclude_outbound_cidrs": "annotation traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                       "exclude_inbound_ports": "annotation traffic.kuma.io/exclude-inbound-ports",
+                       "proxy_uid": "annotation meshintercept.io/proxy-uid"}
+    # agreeing spellings are fine; disagreeing ones name both
+    pod["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] = "6379,5432"
+    assert notes.apply(pod, InterceptSpec(), "iptables")[0].exclude_outbound_ports == (5432, 6379)
+    pod["metadata"]["annotations"]["traffic.kuma.io/exclude-outbound-ports"] = "80"
+    with pytest.raises(notes.AnnotationError, match="openservicemesh.io/outbound-port-exclusion-list and "
+                                                    "traffic.kuma.io/exclude-outbound-ports disagree"):
+        notes.apply(pod, InterceptSpec(), "iptables")
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("traffic.sidecar.istio.io/excludeOutboundPorts", "22,x", ["traffic.sidecar.istio.io/excludeOutboundPorts",
+                                                              "'x' is not a number"]),
+    ("openservicemesh.io/outbound-ip-range-exclusion-list", "10.0.0.0/33", ["outbound-ip-range-exclusion-list",
+                                                                            "not a valid CIDR"]),
+    ("traffic.sidecar.istio.io/includeOutboundPorts", "80", ["includeOutboundPorts", "exclusion annotation"]),
+    ("meshintercept.io/mode", "tproxy", ["meshintercept.io/mode", "'tproxy'"]),
+])
+def test_a_bad_annotation_is_refused_by_name(key, value, words):
+    with pytest.raises(notes.AnnotationError) as failed:
+        notes.apply(pod_object("default", "p", annotations={key: value}), InterceptSpec(), "iptables")
+    for word in words:
+        assert word in failed.value.message
+
+
+@pytest.mark.root
+def test_annotations_change_a_pods_spec_through_a_real_add_and_status_says_where_from(cluster, api):
+    bed, server = opt_in_bed(cluster, api)
+    server.add(pod_object("default", "annotated", annotations={
+        KEY: "true",
+        "openservicemesh.io/outbound-port-exclusion-list": "5432",
+        "traffic.sidecar.istio.io/includeInboundPorts": "8080,8443",
+        "traffic.kuma.io/exclude-outbound-ports": "5432",
+    }))
+    server.add(pod_object("default", "broken", annotations={KEY: "true",
+                                                              "traffic.sidecar.istio.io/excludeInboundPorts": "x"}))
+    pod, _ = bed.add_pod("annotated")
+    manager = Manager(bed.node.node)
+    record = manager.record(pod.netns)
+    assert record.spec.exclude_outbound_ports == (5432,) and record.spec.include_inbound_ports == (8080, 8443)
+    rules = pod.iptables_save()
+    assert "--dport 5432" in rules and "8080,8443" in rules
+    item = manager.status(pod.netns.name)["namespaces"][0]
+    assert item["sources"]["include_inbound_ports"] == "annotation traffic.sidecar.istio.io/includeInboundPorts"
+    assert item["sources"]["exclude_outbound_ports"].startswith("annotation ")
+    bed.runtime.check(pod.container_id, pod.netns.path)  # CHECK compares with the annotated spec
+    with pytest.raises(PluginFailed) as failed:
+        bed.add_pod("broken")
+    assert failed.value.error["code"] == 105
+    assert "traffic.sidecar.istio.io/excludeInboundPorts" in failed.value.error["msg"]
+    assert len(manager.records()) == 1  # nothing applied for the broken pod

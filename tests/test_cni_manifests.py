@@ -139,54 +139,49 @@ def test_entrypoint_uses_existing_commands():
     for sub in set(re.findall(r"meshintercept cni (\w+)", text)):
         assert sub in cni.commands, sub
     for opt in set(re.findall(r"--[a-z][a-z-]+", text)):
-        known = {p for c in list(cni.commands.values()) + [cli.commands["disable"]] for o in c.params
-                 for p in getattr(o, "opts", [])}
+        known = {p for c in list(cni.commands.values()) + [cli.commands["disable"], cli.commands["metrics"]]
+                 for o in c.params for p in getattr(o, "opts", [])}
         assert opt in known, opt
-    assert "meshintercept disable --all" in text
+    assert "meshintercept disable --all" in text and "MESHINTERCEPT_UNINSTALL_ON_STOP" in text
     assert re.search(r"trap stop TERM", text)
 
 
-@pytest.mark.root
-def test_entrypoint_installs_keeps_and_uninstalls(tmp_path):
-    """The agent's life cycle against a temporary CNI dir: install on start (agent shim, pid
-    file), re-install after the primary CNI rewrote its config, and on SIGTERM uninstall with
-    the conflist back byte for byte, the executable kept for DELs of existing pods."""
+def _agent(tmp_path, **extra):
+    """The entrypoint against a temporary CNI dir and an empty node of its own."""
     conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
-    conf_dir.mkdir()
-    original = '{\n  "cniVersion": "1.0.0",\n  "name": "k8s",\n  "plugins": [\n    {"type": "ptp"}\n  ]\n}\n'
+    conf_dir.mkdir(exist_ok=True)
     conflist = conf_dir / "10-k8s.conflist"
-    conflist.write_text(original)
+    if not conflist.exists():
+        conflist.write_text(ORIGINAL)
     plugin_conf = tmp_path / "plugin.json"
     plugin_conf.write_text('{"mode": "iptables", "exclude_outbound_ports": [22]}')
-    pidfile = tmp_path / "run" / "agent.pid"
-    node = tmp_path / "node"  # an empty node of our own, so 'disable --all' has nothing to touch
+    node = tmp_path / "node"  # 'disable --all' has nothing of anyone else's to touch here
     env = {
         "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"],
         "MESHINTERCEPT_CNI_CONF_DIR": str(conf_dir), "MESHINTERCEPT_CNI_BIN_DIR": str(bin_dir),
-        "MESHINTERCEPT_PLUGIN_CONF": str(plugin_conf), "MESHINTERCEPT_AGENT_PIDFILE": str(pidfile),
+        "MESHINTERCEPT_PLUGIN_CONF": str(plugin_conf), "MESHINTERCEPT_AGENT_PIDFILE": str(tmp_path / "run" / "agent.pid"),
         "MESHINTERCEPT_RECONCILE_SECONDS": "0.2", "MESHINTERCEPT_REPAIR_ON_START": "false",
         "MESHINTERCEPT_STATE_DIR": str(node / "state"), "MESHINTERCEPT_PIN_DIR": str(node / "pins"),
-        "MESHINTERCEPT_CGROUP": str(node / "cgroup"),
+        "MESHINTERCEPT_CGROUP": str(node / "cgroup"), **extra,
     }
     agent = subprocess.Popen(["sh", os.path.join(DEPLOY, "entrypoint.sh")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return agent, conflist, bin_dir, tmp_path / "run" / "agent.pid"
 
-    def wait_for(predicate, what):
-        deadline = time.monotonic() + 20
-        while not predicate():
-            assert agent.poll() is None, f"agent exited: {agent.stdout.read()}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.05)
 
-    def installed():
-        return conflist.read_text() != original and json.loads(conflist.read_text())["plugins"][-1]["type"] == "meshintercept-cni"
+ORIGINAL = '{\n  "cniVersion": "1.0.0",\n  "name": "k8s",\n  "plugins": [\n    {"type": "ptp"}\n  ]\n}\n'
 
+
+def _wait_for(agent, predicate, what):
+    deadline = time.monotonic() + 20
+    while not predicate():
+        assert agent.poll() is None, f"agent exited: {agent.stdout.read()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _stop(agent) -> str:
     try:
-        wait_for(installed, "install")
-        assert pidfile.read_text().strip() == str(agent.pid)
-        assert "(agent)" in (bin_dir / "meshintercept-cni").read_text()
-        conflist.write_text(original)  # the primary CNI rewrites its config
-        wait_for(installed, "re-install")
         agent.send_signal(signal.SIGTERM)
         out, _ = agent.communicate(timeout=30)
     finally:
@@ -194,7 +189,34 @@ def test_entrypoint_installs_keeps_and_uninstalls(tmp_path):
             agent.kill()
             agent.wait()
     assert agent.returncode == 0, out
-    assert conflist.read_text() == original
+    return out
+
+
+@pytest.mark.root
+def test_entrypoint_installs_keeps_on_stop_and_uninstalls_only_when_asked(tmp_path):
+    """The agent's life cycle against a temporary CNI dir: install on start (agent shim, pid
+    file), re-install after the primary CNI rewrote its config; SIGTERM (an upgrade) leaves the
+    plugin in the config; with MESHINTERCEPT_UNINSTALL_ON_STOP=true the conflist comes back byte
+    for byte, the executable kept for DELs of existing pods."""
+    agent, conflist, bin_dir, pidfile = _agent(tmp_path)
+
+    def installed():
+        text = conflist.read_text()
+        return text != ORIGINAL and json.loads(text)["plugins"][-1]["type"] == "meshintercept-cni"
+
+    _wait_for(agent, installed, "install")
+    assert pidfile.read_text().strip() == str(agent.pid)
+    assert "(agent)" in (bin_dir / "meshintercept-cni").read_text()
+    conflist.write_text(ORIGINAL)  # the primary CNI rewrites its config
+    _wait_for(agent, installed, "re-install")
+    out = _stop(agent)
+    assert installed() and not pidfile.exists()
+    assert "every pod stays intercepted" in out and "tearing down" not in out
+
+    agent, conflist, bin_dir, pidfile = _agent(tmp_path, MESHINTERCEPT_UNINSTALL_ON_STOP="true")
+    _wait_for(agent, lambda: pidfile.exists(), "start")
+    out = _stop(agent)
+    assert conflist.read_text() == ORIGINAL
     assert not pidfile.exists()
     assert (bin_dir / "meshintercept-cni").exists()
     assert "tearing down interception" in out

@@ -8,16 +8,21 @@ as without acceleration: the event-driven project sidecar and HAProxy.
 
 import pytest
 
-from meshintercept.lab.contract import BackendContract, HttpSidecarContract
+from meshintercept.lab.contract import BackendContract, DnsContract, HttpSidecarContract
 
 pytestmark = pytest.mark.root
 
-#: (class name part, mode, spec defaults, the ways of reaching a peer the mode intercepts)
+#: (class name part, mode, spec defaults, the ways of reaching a peer the mode intercepts). The
+#: ebpf mode runs on both inbound paths: sk_lookup (the default, both families) and the seed's
+#: tc path (IPv4 only: its classes intercept IPv4 and leave IPv6 alone with --family ipv4).
 BACKENDS = [
     ("Iptables", "iptables", {}, ("ipv4", "v4mapped", "ipv6")),
     ("Nftables", "nftables", {}, ("ipv4", "v4mapped", "ipv6")),
-    ("Ebpf", "ebpf", {}, ("ipv4",)),
-    ("EbpfAccelerated", "ebpf", {"accelerate": True}, ("ipv4",)),
+    ("Ebpf", "ebpf", {}, ("ipv4", "v4mapped", "ipv6")),
+    ("EbpfAccelerated", "ebpf", {"accelerate": True}, ("ipv4", "v4mapped", "ipv6")),
+    ("EbpfTc", "ebpf", {"inbound_path": "tc", "families": ["ipv4"]}, ("ipv4", "v4mapped")),
+    ("EbpfTcAccelerated", "ebpf", {"inbound_path": "tc", "families": ["ipv4"], "accelerate": True},
+     ("ipv4", "v4mapped")),
 ]
 #: HAProxy 2.6 reads no IPv6 original destination (it connects back to itself).
 SIDECARS = [("ProjectSidecar", "project", ("ipv4", "v4mapped", "ipv6")), ("Haproxy", "haproxy", ("ipv4", "v4mapped"))]
@@ -37,3 +42,12 @@ for _label, _mode, _base, _vias in BACKENDS:
     _cls = type(_name, (HttpSidecarContract,), {"mode": _mode, "base_spec": dict(_base), "vias": _vias,
                                                 "__module__": __name__, "__qualname__": _name})
     globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls
+
+# --capture-dns, with the project's forwarder and with Debian's dnsmasq as the pod's DNS sidecar.
+for _label, _mode, _base, _vias in [b for b in BACKENDS if b[1] != "ebpf"]:  # ebpf: not yet
+    for _dns in ("project", "dnsmasq"):
+        _name = f"Test{_label}Dns{_dns.capitalize()}"
+        _cls = type(_name, (DnsContract,), {"mode": _mode, "base_spec": dict(_base), "dns_sidecar": _dns,
+                                            "vias": tuple(v for v in ("ipv4", "ipv6") if v in _vias),
+                                            "__module__": __name__, "__qualname__": _name})
+        globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls

@@ -40,6 +40,8 @@ def test_demo_shows_both_answers_and_cleans_up(mode):
     assert "Hi, I am pipy ok v2 !" in proc.stdout
     # The path section proves the answers went through the sidecars, not around them.
     assert "original dst 10.231.200.1:8080" in proc.stdout
+    assert "original dst [fd00:231:200::1]:8080" in proc.stdout
+    assert proc.stdout.count("Hi, I am pipy ok v") == 4
     assert "inbound" in proc.stdout
     # Only this run's cluster is checked: another demo may run on the machine at the same time.
     cluster_id = re.search(r"pin dir /sys/fs/bpf/(mi-demo-[0-9a-f]+)-node1", proc.stdout).group(1)

@@ -53,6 +53,8 @@ def _clean(world):
 
 
 def enable(pod, **spec):
+    if spec.get("inbound_path") == "tc":  # IPv4 only: the dual-stack pods are intercepted for IPv4
+        spec.setdefault("families", ["ipv4"])
     return pod.node.manager().enable(pod.netns.name, "ebpf", InterceptSpec.build(**spec))
 
 
@@ -128,12 +130,14 @@ def wait_until(predicate, timeout=10.0):
     return predicate()
 
 
-def test_inbound_same_node_and_cross_node_reach_the_app_through_the_destination_sidecar(world):
+@pytest.mark.parametrize("path", ["sk_lookup", "tc"])
+def test_inbound_same_node_and_cross_node_reach_the_app_through_the_destination_sidecar(world, path):
     cluster, p = world
     client, server, remote = p["client"], p["server"], p["remote"]
     for pod in (client, server, remote):
-        enable(pod)
-    for target, counter in ((server, "inbound_same_node"), (remote, "inbound_cross_node")):
+        enable(pod, inbound_path=path)
+    counted = {"tc": ("inbound_same_node", "inbound_cross_node"), "sk_lookup": ("inbound_steered",) * 2}[path]
+    for target, counter in zip((server, remote), counted):
         mark_out, mark_in = client.sidecar.mark(), target.sidecar.mark()
         reply = client.connect(target.ip, APP, send=b"hi")
         out = client.sidecar.wait_for(lambda e, local=reply.local: e["peer"] == local, since=mark_out)
@@ -145,9 +149,11 @@ def test_inbound_same_node_and_cross_node_reach_the_app_through_the_destination_
         assert counters(target)[counter] == 1, counters(target)
         assert counters(target)["origdst_answers"] >= 1
     assert counters(client)["redirected_out"] == 2
-    # The path the programs took differs: same-node by connect4, cross-node by tc.
-    assert counters(server)["inbound_cross_node"] == 0
-    assert counters(remote)["inbound_same_node"] == 0
+    if path == "tc":  # the path the programs took differs: same-node by connect4, cross-node by tc
+        assert counters(server)["inbound_cross_node"] == 0
+        assert counters(remote)["inbound_same_node"] == 0
+    else:  # one path for both, and it leaves no entry behind
+        assert counters(server)["inbound_same_node"] == counters(remote)["inbound_cross_node"] == 0
 
 
 def test_managed_and_unmanaged_namespaces_in_the_same_cgroup(world):
@@ -163,11 +169,12 @@ def test_managed_and_unmanaged_namespaces_in_the_same_cgroup(world):
     assert not proxied.direct
     dump = ebpf_maps.dump(client.node.node, client.node.manager().records())
     assert [row["namespace"] for row in dump["config"]] == [client.netns.name]
-    assert {row["ip"] for row in dump["podip"]} == {client.ip}
+    assert {row["ip"] for row in dump["podip"]} == {client.ip, client.ip6}
 
 
+@pytest.mark.parametrize("path", ["sk_lookup", "tc"])
 @pytest.mark.parametrize("kind", ["project", "haproxy"])
-def test_accelerate_moves_payload_socket_to_socket_and_keeps_it_intact(world, kind):
+def test_accelerate_moves_payload_socket_to_socket_and_keeps_it_intact(world, kind, path):
     """Both directions, multi-MB, checksummed, through two accelerated pairs
     (app <-> own sidecar on loopback, sidecar -> other pod's sidecar across namespaces),
     with the project's event-driven sidecar and with HAProxy. A sidecar that reads with
@@ -184,8 +191,8 @@ def test_accelerate_moves_payload_socket_to_socket_and_keeps_it_intact(world, ki
                 pod.start_server([APP, OTHER])
                 pod.sidecar = pod.start_sidecar("haproxy", spec=InterceptSpec())
                 p[pod.name] = pod
-    enable(client, accelerate=True)
-    enable(server, accelerate=True)
+    enable(client, accelerate=True, inbound_path=path)
+    enable(server, accelerate=True, inbound_path=path)
     record = client.node.manager().record(client.netns)
     assert record.extra["accelerate"] is True, record.extra.get("warnings")
     c0, s0 = counters(client), counters(server)
@@ -204,18 +211,20 @@ def test_accelerate_moves_payload_socket_to_socket_and_keeps_it_intact(world, ki
     assert len(out) == 3 and all(e["error"] is None for e in out), out
 
 
-def test_per_connection_maps_do_not_grow_after_10000_connections(world):
+@pytest.mark.parametrize("path", ["sk_lookup", "tc"])
+def test_per_connection_maps_do_not_grow_after_10000_connections(world, path):
     cluster, p = world
     client, server, remote = p["client"], p["server"], p["remote"]
     for pod in (client, server, remote):
-        enable(pod)
+        enable(pod, inbound_path=path)
     before = {node.name: None for node in cluster.nodes}
     for node, pod in ((client.node, client), (remote.node, remote)):
         before[node.name] = conn_entries(pod)
+    base = {pod.name: counters(pod) for pod in (server, remote)}
     results = [
         client.connect_many(server.ip, APP, count=4000, parallel=40),   # outbound + same-node inbound
-        client.connect_many(remote.ip, APP, count=3000, parallel=40),   # outbound + cross-node tc
-        p["bystander"].connect_many(server.ip, OTHER, count=3000, parallel=40),  # unmanaged -> tc inbound
+        client.connect_many(remote.ip, APP, count=3000, parallel=40),   # outbound + cross-node inbound
+        p["bystander"].connect_many(server.ip, OTHER, count=3000, parallel=40),  # unmanaged -> inbound
     ]
     # Seen twice on a loaded machine: a ~25 s stall of the node-to-node link in which cross-node
     # SYNs never reached the remote pod (its tc counter shows no attempt at all). The point here
@@ -231,6 +240,9 @@ def test_per_connection_maps_do_not_grow_after_10000_connections(world):
                   for e in client.sidecar.connections() if e.get("error")][:5],
               "neighbours", {place.name: place.run(["ip", "-4", "neigh"], timeout=10).stdout
                              for place in (*cluster.nodes, client, remote)})
+    if path == "sk_lookup":  # no packet rewritten, nothing remembered per flow: nothing may be lost
+        assert ok == 10000 and sum(r["failed"] for r in results) == 0, (
+            [(r["ok"], r["failed"], r.get("errors")) for r in results], counters(server), counters(remote))
     for _ in range(2):
         if ok >= 10000:
             break
@@ -245,15 +257,21 @@ def test_per_connection_maps_do_not_grow_after_10000_connections(world):
         [(r["ok"], r["failed"], r.get("errors")) for r in results], sidecar_errors, counters(remote))
     assert wait_until(lambda: conn_entries(client) <= before[client.node.name], timeout=15), conn_entries(client)
     assert wait_until(lambda: conn_entries(remote) <= before[remote.node.name], timeout=15), conn_entries(remote)
-    assert counters(server)["inbound_same_node"] >= 4000
-    assert counters(server)["inbound_cross_node"] >= 3000
-    assert counters(remote)["inbound_cross_node"] >= 3000 - sum(r["failed"] for r in results)
+    grew = {pod.name: {k: v - base[pod.name][k] for k, v in counters(pod).items()} for pod in (server, remote)}
+    if path == "sk_lookup":
+        assert grew[server.name]["inbound_steered"] == 7000 and grew[remote.name]["inbound_steered"] == 3000, grew
+        assert grew[server.name]["inbound_refused"] == grew[remote.name]["inbound_refused"] == 0, grew
+        return
+    assert grew[server.name]["inbound_same_node"] >= 4000
+    assert grew[server.name]["inbound_cross_node"] >= 3000
+    assert grew[remote.name]["inbound_cross_node"] >= 3000 - sum(r["failed"] for r in results)
 
 
 def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
     cluster, p = world
-    client, remote = p["client"], p["remote"]
-    enable(client)
+    client, server, remote = p["client"], p["server"], p["remote"]
+    enable(client, inbound_path="tc")
+    enable(server)  # the sk_lookup path: a netns link
     enable(remote)
     node = client.node
     pin_dir, cgroup = node.node.pin_dir, node.node.cgroup
@@ -264,8 +282,10 @@ def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
     if tcx_pins:  # kernel >= 6.6: pinned tcx links, no qdisc of ours
         assert state.get("tcx") and not state["clsact"]
         assert all(os.path.exists(p) for e in tcx_pins for p in e["pins"].values())
+    lookup_link = client.node.manager().record(server.netns).extra["lookup_link"]
+    assert os.path.exists(lookup_link)
     program_ids = [p["id"] for p in ebpf_maps.node_status(node.node)["programs"].values()]
-    assert len(program_ids) == 6
+    assert len(program_ids) == 8
     node.manager().disable_all()
     assert not os.path.exists(pin_dir)
 
@@ -280,12 +300,19 @@ def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
     assert wait_until(lambda: all(freed(i) for i in program_ids)), program_ids
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for attach in (bpfsys.BPF_CGROUP_INET4_CONNECT, bpfsys.BPF_CGROUP_SOCK_OPS, bpfsys.BPF_CGROUP_GETSOCKOPT):
+        for attach in (bpfsys.BPF_CGROUP_INET4_CONNECT, bpfsys.BPF_CGROUP_INET6_CONNECT, bpfsys.BPF_CGROUP_SOCK_OPS,
+                       bpfsys.BPF_CGROUP_GETSOCKOPT):
             assert bpfsys.prog_query(fd, attach) == []
     finally:
         os.close(fd)
     # no tcx link or filter of ours, and the clsact we made (fallback path) is gone
     assert ebpf_tc.status(client.netns) == {}
+    # no sk_lookup program on the server's namespace any more
+    ns_fd = os.open(server.netns.path, os.O_RDONLY)
+    try:
+        assert bpfsys.prog_query(ns_fd, bpfsys.BPF_SK_LOOKUP) == []
+    finally:
+        os.close(ns_fd)
     # the other node is untouched until its own disable --all
     assert os.listdir(remote.node.node.pin_dir)
     remote.node.manager().disable_all()
@@ -293,3 +320,4 @@ def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
     assert ebpf_tc.status(remote.netns) == {}
     # and traffic is direct again
     assert client.connect(remote.ip, APP).direct
+    assert client.connect(server.ip, APP).direct

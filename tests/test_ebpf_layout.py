@@ -54,7 +54,7 @@ def test_c_and_ctypes_layouts_agree():
 
 
 @pytest.mark.parametrize("drift", [
-    ("offsetof(struct mi_origin, port) == 4", "offsetof(struct mi_origin, port) == 6"),
+    ("offsetof(struct mi_origin, port) == 16", "offsetof(struct mi_origin, port) == 18"),
     ("offsetof(union bpf_attr, link_create.attach_type) == 8", "offsetof(union bpf_attr, link_create.attach_type) == 12"),
 ], ids=["common.h", "linux/bpf.h"])
 def test_the_checker_catches_a_drift(drift, capfd):
@@ -83,7 +83,34 @@ def test_constants_match_the_header():
     for name, value in (("MI_CFG_DEBUG", T.CFG_DEBUG), ("MI_CFG_ACCELERATE", T.CFG_ACCELERATE),
                         ("MI_ORIG_OUTBOUND", T.ORIG_OUTBOUND), ("MI_ORIG_INBOUND_LOCAL", T.ORIG_INBOUND_LOCAL),
                         ("MI_ORIG_INBOUND_TC", T.ORIG_INBOUND_TC), ("MI_ORIG_CLAIMED", T.ORIG_CLAIMED),
-                        ("MI_FEAT_ACCELERATE", T.FEAT_ACCELERATE)):
+                        ("MI_FEAT_ACCELERATE", T.FEAT_ACCELERATE), ("MI_FEAT_LOOKUP", T.FEAT_LOOKUP),
+                        ("MI_CFG_INBOUND_TC", T.CFG_INBOUND_TC), ("MI_CFG_IPV4", T.CFG_IPV4),
+                        ("MI_CFG_IPV6", T.CFG_IPV6), ("MI_SOCK_STEERED", T.SOCK_STEERED)):
         assert define(name) == value, name
     for kind in T.EVENT_KINDS:
         assert kind in {define(n) for n in [l.split()[1] for l in text.splitlines() if l.startswith("#define MI_EV_")]}
+
+
+def test_addresses_are_16_bytes_with_ipv4_mapped():
+    four, six = T.addr("10.231.1.2"), T.addr("fd00:231:1::2")
+    assert bytes(four) == b"\0" * 10 + b"\xff\xff" + bytes([10, 231, 1, 2])
+    assert T.addr_text(four) == "10.231.1.2" and T.addr_text(T.addr("::ffff:10.231.1.2")) == "10.231.1.2"
+    assert T.endpoint_text(six, 80) == "[fd00:231:1::2]:80" and T.endpoint_text(four, 80) == "10.231.1.2:80"
+    assert T.is_zero(T.Addr()) and not T.is_zero(four)
+
+
+def test_config_packs_both_families_cidrs_and_flags():
+    from meshintercept.spec import InterceptSpec
+
+    spec = InterceptSpec.build(exclude_outbound_cidrs=["10.0.0.0/8", "fd00:231:2::/64", "::ffff:192.168.0.0/112"],
+                               inbound_path="tc")
+    cfg = T.config_from_spec(spec, families=["ipv4", "ipv6"])
+    data = T.config_to_dict(cfg)
+    assert data["exclude_outbound_cidrs"] == ["10.0.0.0/8", "192.168.0.0/16", "fd00:231:2::/64"]
+    assert data["inbound_path"] == "tc" and data["families"] == ["ipv4", "ipv6"]
+    assert T.config_to_dict(T.config_from_spec(InterceptSpec(), families=["ipv6"]))["families"] == ["ipv6"]
+    # an IPv4 range, stored mapped, must not match an IPv6 address with the same low bits
+    c = cfg.exclude_out_cidrs[0]
+    six = T.addr("::a00:1")
+    assert any((a & m) != n for a, m, n in zip(six.w, c.mask.w, c.addr.w))
+    assert T.limit_problems(InterceptSpec.build(exclude_outbound_cidrs=[f"fd00:{i:x}::/32" for i in range(33)]))

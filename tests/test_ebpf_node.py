@@ -155,7 +155,7 @@ def test_debug_writes_trace_pipe_lines_and_ring_buffer_events_and_switches_off(n
         pipe.terminate()
         text = pipe.communicate(timeout=5)[0].decode(errors="replace")
     lines = [l for l in text.splitlines() if "bpf_trace_printk" in l and " mi " in l]
-    assert any("connect4" in l for l in lines) and any("SO_ORIGINAL_DST" in l for l in lines), text[-2000:]
+    assert any(" mi connect dport=8080" in l for l in lines) and any("SO_ORIGINAL_DST" in l for l in lines), text[-2000:]
     # switch debug off at runtime: the same enable without --debug is one map update
     manager.enable(a.netns.name, "ebpf", InterceptSpec())
     switched = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
@@ -200,7 +200,7 @@ def test_disable_of_a_vanished_namespace_removes_its_map_entries(node):
         assert ebpf_maps.count_entries(pins, "config") == 0
         assert ebpf_maps.count_entries(pins, "podip") == 0
         assert ebpf_maps.count_entries(pins, "counters") == 0
-        assert not [n for n in os.listdir(pins.dir) if n.startswith("link_tcx_")]
+        assert not [n for n in os.listdir(pins.dir) if n.startswith(("link_tcx_", "link_lookup_"))]
 
 
 def _kernel_has_tcx() -> bool:
@@ -213,27 +213,28 @@ def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(node):
     from meshintercept.backends.ebpf import tc
 
     a = node.add_pod("a")
+    tc_path = InterceptSpec.build(inbound_path="tc", families=["ipv4"])
     manager = Manager(dataclasses.replace(node.node, tc_attach="tcx"))
-    manager.enable(a.netns.name, "ebpf", InterceptSpec())
+    manager.enable(a.netns.name, "ebpf", tc_path)
     entry = manager.record(a.netns).extra["tc"][0]
     assert entry["tcx"] and entry["ifname"] == "eth0" and set(entry["pins"]) == {"in", "eg"}
     assert tc.status(a.netns)["eth0"] == {"ifindex": entry["ifindex"], "ingress": True, "egress": True,
                                          "clsact": False, "tcx": True}
     # a changed spec keeps the same links (no detach window)
     ids = {d: bpfsys.link_info(bpfsys.obj_get(p))["id"] for d, p in entry["pins"].items()}
-    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(exclude_outbound_ports=[22]))
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path="tc", families=["ipv4"], exclude_outbound_ports=[22]))
     assert {d: bpfsys.link_info(bpfsys.obj_get(p))["id"] for d, p in entry["pins"].items()} == ids
     assert manager.status(a.netns.name)["namespaces"][0]["live"]["in_place"]
     # back to the default (clsact filters): the tcx links go, the filters come
     manager = Manager(node.node)
-    manager.enable(a.netns.name, "ebpf", InterceptSpec())
+    manager.enable(a.netns.name, "ebpf", tc_path)
     assert not any(os.path.exists(p) for p in entry["pins"].values())
     assert tc.status(a.netns)["eth0"] == {"ifindex": entry["ifindex"], "ingress": True, "egress": True, "clsact": True}
     manager.disable(a.netns.name)
     assert tc.status(a.netns) == {}
     # and tcx again, then disable after the namespace is gone: the pins go by name
     manager = Manager(dataclasses.replace(node.node, tc_attach="tcx"))
-    manager.enable(a.netns.name, "ebpf", InterceptSpec())
+    manager.enable(a.netns.name, "ebpf", tc_path)
     pins = manager.record(a.netns).extra["tc"][0]["pins"]
     assert all(os.path.exists(p) for p in pins.values())
     node.cluster.remove_pod(a)
@@ -241,25 +242,33 @@ def test_tc_programs_as_pinned_tcx_links_opt_in_and_disable_removes_them(node):
     assert not any(os.path.exists(p) for p in pins.values())
 
 
-@pytest.mark.parametrize("attach", ["clsact", "tcx"])
+@pytest.mark.parametrize("attach", ["clsact", "tcx", "sk_lookup"])
 def test_status_of_all_namespaces_reads_the_node_maps_once_and_agrees_with_a_live_look(node, attach):
     if attach == "tcx":
         if not _kernel_has_tcx():
             pytest.skip("tcx needs kernel >= 6.6")
     a, b = node.add_pod("a"), node.add_pod("b")
-    manager = Manager(dataclasses.replace(node.node, tc_attach=attach))
-    manager.enable(a.netns.name, "ebpf", InterceptSpec())
-    manager.enable(b.netns.name, "ebpf", InterceptSpec.build(debug=True))
+    path = "sk_lookup" if attach == "sk_lookup" else "tc"
+    manager = Manager(dataclasses.replace(node.node, tc_attach="clsact" if path == "sk_lookup" else attach))
+    families = ["ipv4"] if path == "tc" else []
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path=path, families=families))
+    manager.enable(b.netns.name, "ebpf", InterceptSpec.build(debug=True, inbound_path=path, families=families))
     quick = {i["namespace"]: i["live"] for i in manager.status()["namespaces"]}
     full = {i["namespace"]: i["live"] for i in manager.status(live=True)["namespaces"]}
     assert {n: v["checked"] for n, v in quick.items()} == {a.netns.name: "node", b.netns.name: "node"}
     for name in (a.netns.name, b.netns.name):
         assert quick[name]["in_place"] is True and full[name]["in_place"] is True
-        for key in ("netns_cookie", "config", "debug", "counters", "tc"):
+        for key in ("netns_cookie", "config", "debug", "counters", "tc", "lookup", "families"):
             assert quick[name][key] == full[name][key], key
     # a removed attachment shows in the quick status too
-    entry = manager.record(b.netns).extra["tc"][0]
-    if entry.get("tcx"):
+    if path == "sk_lookup":
+        assert quick[a.netns.name]["lookup"] == {"link": True, "listeners": []}
+        assert "fail closed" in quick[a.netns.name]["note"]
+        fd = bpfsys.obj_get(manager.record(b.netns).extra["lookup_link"])
+        bpfsys.link_detach(fd)
+        bpfsys.close(fd)
+    elif manager.record(b.netns).extra["tc"][0].get("tcx"):
+        entry = manager.record(b.netns).extra["tc"][0]
         fd = bpfsys.obj_get(entry["pins"]["in"])
         bpfsys.link_detach(fd)
         bpfsys.close(fd)
@@ -365,7 +374,7 @@ def test_a_clsact_qdisc_and_filters_someone_else_made_survive_enable_and_disable
     subprocess.run(["ip", "netns", "exec", a.netns.name, "tc", "filter", "add", "dev", "eth0", "ingress", "prio", "7",
                     "protocol", "ip", "u32", "match", "u32", "0", "0", "classid", "1:1"], check=True)
     manager = Manager(node.node)
-    manager.enable(a.netns.name, "ebpf", InterceptSpec())
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(inbound_path="tc", families=["ipv4"]))
     assert manager.record(a.netns).extra["tc"][0]["qdisc_created"] is False
     assert tc.status(a.netns)["eth0"]["ingress"]
     manager.disable(a.netns.name)
@@ -374,3 +383,52 @@ def test_a_clsact_qdisc_and_filters_someone_else_made_survive_enable_and_disable
     out = subprocess.run(["ip", "netns", "exec", a.netns.name, "tc", "filter", "show", "dev", "eth0", "ingress"],
                          capture_output=True, text=True, check=True).stdout
     assert "u32" in out and "bpf" not in out
+
+
+def test_ipv6_outbound_in_trace_and_maps_dump(node):
+    a, b = node.add_pod("a"), node.add_pod("b")
+    b.start_server(8080)
+    sidecar = a.start_sidecar()
+    manager = Manager(node.node)
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(debug=True))
+    cookie = manager.record(a.netns).extra["netns_cookie"]
+    assert set(manager.record(a.netns).extra["pod_ips"]) == {a.ip, a.ip6}
+    events = []
+    import threading
+
+    reader = threading.Thread(target=lambda: events.extend(
+        ebpf_trace.stream(node.node, {cookie: a.netns.name}, cookie, duration=8, limit=4)))
+    reader.start()
+    time.sleep(0.3)
+    assert not a.connect(b.ip6, 8080).direct
+    reader.join()
+    assert [e["event"] for e in events] == ["connect-out", "established", "claimed", "origdst"], events
+    assert events[0]["dst"] == f"[{b.ip6}]:8080" and events[0]["to"] == "[::1]:15001"
+    assert events[3]["to"] == f"[{b.ip6}]:8080"
+    assert sidecar.wait_for(count=1)[0]["original_dst"] == f"[{b.ip6}]:8080"
+    dump = ebpf_maps.dump(node.node, manager.records())
+    assert {r["ip"] for r in dump["podip"]} == {a.ip, a.ip6}
+    assert dump["config"][0]["families"] == ["ipv4", "ipv6"]
+    assert {r["family"] for r in dump["listen"]} == {"ipv6"}  # the sidecar's dual-stack listener
+    counters = manager.status(a.netns.name)["namespaces"][0]["live"]["counters"]
+    assert counters["redirected_out"] == counters["redirected_out6"] == 1
+
+
+def test_v4_mapped_destinations_of_ipv6_sockets_follow_the_ipv4_rules(node):
+    a, b = node.add_pod("a"), node.add_pod("b")
+    b.start_server(8080)
+    sidecar = a.start_sidecar()
+    manager = Manager(node.node)
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(exclude_outbound_cidrs=[f"{b.ip}/32"]))
+    assert a.connect(f"::ffff:{b.ip}", 8080).direct, "an IPv4 exclusion covers the v4-mapped address"
+    assert not a.connect(b.ip6, 8080).direct
+    manager.enable(a.netns.name, "ebpf", InterceptSpec.build(families=["ipv6"]))
+    assert a.connect(f"::ffff:{b.ip}", 8080).direct, "--family ipv6 leaves v4-mapped (IPv4) alone"
+    manager.enable(a.netns.name, "ebpf", InterceptSpec())
+    mark = sidecar.mark()
+    assert not a.connect(f"::ffff:{b.ip}", 8080).direct
+    assert sidecar.wait_for(since=mark)[0]["original_dst"] == f"{b.ip}:8080"
+    a.start_server(9090)
+    mark = sidecar.mark()
+    assert a.connect("::1", 9090).direct and a.connect("::ffff:127.0.0.1", 9090).direct  # loopback never
+    assert sidecar.connections(mark) == []

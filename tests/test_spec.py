@@ -82,3 +82,15 @@ def test_families_default_to_every_family_the_namespace_has():
     assert spec.families == ("ipv4", "ipv6")
     assert InterceptSpec.build(families="ipv4").wants("ipv6") is False
     assert InterceptSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_inbound_path_defaults_to_sk_lookup_and_is_validated():
+    from meshintercept.cni.config import parse
+
+    assert InterceptSpec().inbound_path == "sk_lookup"
+    assert InterceptSpec.build(inbound_path="TC").inbound_path == "tc"
+    assert InterceptSpec.from_dict(InterceptSpec.build(inbound_path="tc").to_dict()).inbound_path == "tc"
+    with pytest.raises(UsageError, match="inbound path 'nat' is not one of sk_lookup, tc"):
+        InterceptSpec.build(inbound_path="nat")
+    conf = parse({"cniVersion": "1.0.0", "name": "k8s", "type": "meshintercept-cni", "mode": "ebpf", "inbound_path": "tc"})
+    assert conf.spec.inbound_path == "tc"

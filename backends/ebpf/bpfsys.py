@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Tuple, Type
 
 from . import uapi
 from .uapi import (BPF_ANY, BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT,  # noqa: F401
-                   BPF_CGROUP_SOCK_OPS, BPF_EXIST, BPF_F_ALLOW_MULTI, BPF_F_QUERY_EFFECTIVE, BPF_LINK_TYPE_TCX,
+                   BPF_CGROUP_SOCK_OPS, BPF_EXIST, BPF_F_ALLOW_MULTI, BPF_F_QUERY_EFFECTIVE, BPF_LINK_TYPE_NETNS, BPF_LINK_TYPE_TCX,
                    BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SOCKHASH, BPF_NOEXIST, BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
                    BPF_PROG_TYPE_CGROUP_SOCKOPT, BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_SK_LOOKUP,
                    BPF_PROG_TYPE_SK_MSG, BPF_PROG_TYPE_SOCK_OPS, BPF_SK_LOOKUP, BPF_SK_MSG_VERDICT, BPF_TCX_EGRESS,
@@ -258,6 +258,29 @@ def link_detach(link_fd: int) -> None:
     sys_bpf(uapi.BPF_LINK_DETACH, uapi.LinkDetachAttr(link_fd=link_fd), "link detach")
 
 
+def unpin_link(path: str) -> bool:
+    """Detach a pinned link (if still attached) and unpin it; False when there was none."""
+    try:
+        fd = obj_get(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                link_detach(fd)
+            except OSError:
+                pass  # already detached (its device or namespace went away)
+    finally:
+        close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
     attr = uapi.ProgAttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type, attach_flags=flags)
     sys_bpf(uapi.BPF_PROG_ATTACH, attr, "prog attach")
@@ -307,4 +330,7 @@ def link_info(fd: int) -> dict:
     if i.type == BPF_LINK_TYPE_TCX:
         # ifindex 0: the device went away and the kernel detached the link
         out["ifindex"], out["attach_type"] = i.target, i.target_attach_type
+    elif i.type == BPF_LINK_TYPE_NETNS:
+        # netns_ino 0: the namespace went away and the kernel detached the link
+        out["netns_ino"], out["attach_type"] = i.target, i.target_attach_type
     return out

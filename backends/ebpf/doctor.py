@@ -136,6 +136,10 @@ def _programs(node: Node) -> List[Check]:
             finally:
                 os.close(cg_fd)
 
+        if "lookup" in fds:
+            checks.append(_try("sk_lookup program attaches to a network namespace (inbound path)",
+                               lambda: _netns_link(fds["lookup"]),
+                               "kernel < 5.9 has no sk_lookup: enable with --inbound-path tc (IPv4 only)"))
         if "tc_ingress" in fds:
             checks.append(_try("tc programs attach as tcx links", lambda: _tcx(fds["tc_ingress"]),
                                "kernel < 6.6: keep --tc-attach at its default, clsact (the clsact filters "
@@ -207,30 +211,63 @@ def _leftover_redirects(records: List[NamespaceRecord]):
     return "no iptables REDIRECT rules in ebpf-managed namespaces"
 
 
-def _tcx(prog_fd: int) -> str:
-    """Attach a tcx link on lo of a throwaway network namespace (a forked child that
-    unshares its own), then let it go with the child."""
-    import ctypes
-
+def _in_throwaway_netns(attach) -> int:
+    """Run ``attach()`` in a forked child that unshares a network namespace of its own (which
+    goes with the child); 0 when it worked, 1 no namespace, 2 EINVAL, 3 another error."""
     pid = os.fork()
     if pid == 0:  # child: never returns
         code = 1
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET
-                link = bpfsys.link_create(prog_fd, 1, bpfsys.BPF_TCX_INGRESS)
-                bpfsys.link_detach(link)
+                attach()
                 code = 0
         except OSError as exc:
             code = 2 if exc.errno == errno.EINVAL else 3
         finally:
             os._exit(code)
     _pid, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _tcx(prog_fd: int) -> str:
+    """Attach a tcx link on lo of a throwaway network namespace, then let it go with it."""
+    def attach():
+        bpfsys.link_detach(bpfsys.link_create(prog_fd, 1, bpfsys.BPF_TCX_INGRESS))
+
+    code = _in_throwaway_netns(attach)
     if code == 0:
         return "tcx link attached and detached in a throwaway namespace (--tc-attach tcx usable)"
     raise RuntimeError({1: "could not create a throwaway network namespace",
                         2: f"this kernel ({os.uname().release}) has no tcx attach types"}.get(code, "tcx attach failed"))
+
+
+def _netns_link(prog_fd: int) -> str:
+    """An sk_lookup link on a throwaway network namespace, as enable makes one per pod."""
+    def attach():
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        bpfsys.link_detach(bpfsys.link_create(prog_fd, fd, bpfsys.BPF_SK_LOOKUP))
+
+    code = _in_throwaway_netns(attach)
+    if code == 0:
+        return "sk_lookup link attached and detached in a throwaway namespace"
+    raise RuntimeError({1: "could not create a throwaway network namespace",
+                        2: f"this kernel ({os.uname().release}) has no sk_lookup attach type"}.get(
+                            code, "sk_lookup attach failed"))
+
+
+def _families(records: List[NamespaceRecord]) -> str:
+    """Which IP families each ebpf namespace has captured, and why not where one is not."""
+    if not records:
+        return "no namespace managed by the ebpf mode"
+    lines = []
+    for record in records:
+        families = record.extra.get("families") or {}
+        path = record.extra.get("inbound_path") or record.spec.inbound_path
+        text = "; ".join(f"{f} {'captured' if why == 'captured' else 'not captured: ' + why}"
+                         for f, why in sorted(families.items())) or "unknown (enabled by an older build)"
+        lines.append(f"{record.name} ({path} inbound): {text}")
+    return " | ".join(lines)
 
 
 def run(node: Node, records: List[NamespaceRecord]) -> List[Check]:
@@ -249,6 +286,7 @@ def run(node: Node, records: List[NamespaceRecord]) -> List[Check]:
         checks.append(_try("connect4 hook free of other programs", lambda: _foreign_connect4(node),
                            "with Cilium set socketLB.hostNamespaceOnly=true (bpf-lb-sock-hostns-only) so pods "
                            "keep their sidecar interception", warning=True))
+    checks.append(Check("IP families per namespace", True, _families(records), warning=True))
     checks.append(_try("no leftover iptables redirects", lambda: _leftover_redirects(records),
                        "disable the iptables mode in those namespaces (meshintercept disable) or remove the rules",
                        warning=True))

@@ -26,17 +26,17 @@ def set_pod_ips(pins: NodePins, cookie: int, pod_ips: List[dict], previous_ips: 
     nothing yet. No walk over the whole map: enable stays flat in the number of namespaces.
     """
     podip, config = pins.table("podip"), pins.table("config")
-    wanted = {T.ip_to_be32(p["ip"]): p for p in pod_ips}
-    for key, pod in wanted.items():
-        have = podip.get(key)
+    wanted = {p["ip"]: p for p in pod_ips}
+    for ip, pod in wanted.items():
+        have = podip.get(T.addr(ip))
         if have is not None and have.netns != cookie and config.get(have.netns) is not None:
             raise Conflict(f"address {pod['ip']} already belongs to another managed namespace "
                            f"(netns cookie {have.netns}) on this node; pod IPs must be unique.")
     added = []
-    for key, pod in wanted.items():
-        podip.put(key, T.Pod(netns=cookie, ifindex=pod["ifindex"]))
-        added.append(pod["ip"])
-    _delete_owned_ips(podip, cookie, [ip for ip in previous_ips if T.ip_to_be32(ip) not in wanted])
+    for ip, pod in wanted.items():
+        podip.put(T.addr(ip), T.Pod(netns=cookie, ifindex=pod["ifindex"]))
+        added.append(ip)
+    _delete_owned_ips(podip, cookie, [ip for ip in previous_ips if ip not in wanted])
     return added
 
 
@@ -44,7 +44,7 @@ def _delete_owned_ips(podip: bpfsys.TypedMap, cookie: int, ips: Iterable[str]) -
     """Delete these pod IP entries where this namespace still owns them (by key, no walk)."""
     removed = 0
     for ip in ips:
-        key = T.ip_to_be32(ip)
+        key = T.addr(ip)
         have = podip.get(key)
         if have is not None and have.netns == cookie:
             removed += int(podip.delete(key))
@@ -71,8 +71,10 @@ def forget_namespace(pins: NodePins, cookie: int, pod_ips: Optional[Iterable[str
     map holds live connections only (closing sockets delete their own entries), not one
     entry per managed namespace.
     """
-    removed = {"config": 0, "podip": 0, "counters": 0, "origdst": 0}
+    removed = {"config": 0, "podip": 0, "counters": 0, "origdst": 0, "listen": 0}
     removed["config"] = int(pins.table("config").delete(cookie))
+    listen = pins.table("listen")
+    removed["listen"] = sum(int(listen.delete(T.ListenKey(netns=cookie, family=f))) for f in (4, 6))
     podip = pins.table("podip")
     if pod_ips is not None:
         removed["podip"] = _delete_owned_ips(podip, cookie, pod_ips)
@@ -123,6 +125,7 @@ def node_status(node: Node) -> dict:
 
             out["layout"] = meta.layout_version
             out["accelerate_available"] = bool(meta.features & T.FEAT_ACCELERATE)
+            out["lookup_available"] = bool(meta.features & T.FEAT_LOOKUP)
             out["loaded_at_ns"] = meta.loaded_at_ns
             out["build_matches"] = meta.build_hash == build_hash()
         progs = {}
@@ -162,17 +165,17 @@ def _dump_config(pins, names) -> List[dict]:
 
 
 def _dump_podip(pins, names) -> List[dict]:
-    rows = [{"ip": T.be32_to_ip(key), "namespace": _ns(pod.netns, names), "netns_cookie": pod.netns,
+    rows = [{"ip": T.addr_text(key), "namespace": _ns(pod.netns, names), "netns_cookie": pod.netns,
              "ifindex": pod.ifindex} for key, pod in pins.table("podip").items()]
-    return sorted(rows, key=lambda r: r["ip"])
+    return sorted(rows, key=lambda r: (":" in r["ip"], r["ip"]))
 
 
 def _dump_origdst(pins, names) -> List[dict]:
     return [{
         "namespace": _ns(t.netns, names), "netns_cookie": t.netns,
-        "accepted_on": f"{T.be32_to_ip(t.local_ip)}:{t.local_port}",
-        "peer": f"{T.be32_to_ip(t.remote_ip)}:{t.remote_port}",
-        "original_dst": f"{T.be32_to_ip(o.ip)}:{o.port}",
+        "accepted_on": T.endpoint_text(t.local_ip, t.local_port),
+        "peer": T.endpoint_text(t.remote_ip, t.remote_port),
+        "original_dst": T.endpoint_text(o.ip, o.port),
         "kind": T.origin_flags_text(o.flags), "from_namespace": _ns(o.src_netns, names),
     } for t, o in pins.table("origdst").items()]
 
@@ -185,8 +188,14 @@ def _dump_counters(pins, names) -> List[dict]:
 def _dump_sockhash(pins, names) -> List[dict]:
     # A sockhash's values are sockets (not readable); its keys say which are accelerated.
     return [{"namespace": _ns(t.netns, names), "netns_cookie": t.netns,
-             "local": f"{T.be32_to_ip(t.local_ip)}:{t.local_port}",
-             "remote": f"{T.be32_to_ip(t.remote_ip)}:{t.remote_port}"} for t in pins.table("sockhash").keys()]
+             "local": T.endpoint_text(t.local_ip, t.local_port),
+             "remote": T.endpoint_text(t.remote_ip, t.remote_port)} for t in pins.table("sockhash").keys()]
+
+
+def _dump_listen(pins, names) -> List[dict]:
+    # The sidecars' inbound listeners (sk_lookup path); a value reads back as the socket's cookie.
+    return [{"namespace": _ns(k.netns, names), "netns_cookie": k.netns, "family": f"ipv{k.family}",
+             "socket_cookie": cookie} for k, cookie in pins.table("listen").items()]
 
 
 def _dump_meta(pins, names) -> List[dict]:
@@ -213,6 +222,7 @@ DUMPERS = {
     "origdst": _dump_origdst,
     "counters": _dump_counters,
     "sockhash": _dump_sockhash,
+    "listen": _dump_listen,
     "meta": _dump_meta,
     "sock": _not_enumerable("per-socket storage: entries live and die with their sockets; not listable"),
     "events": _not_enumerable("ring buffer: stream it with 'meshintercept trace'"),

@@ -3,13 +3,16 @@
 Layout under the node's pin directory (bpffs):
 
     <pin_dir>/v<LAYOUT>/map_<name>    maps   (config, podip, origdst, counters, sock,
-                                               sockhash, events, meta)
-    <pin_dir>/v<LAYOUT>/prog_<name>   programs (connect4, sockops, getsockopt,
-                                               tc_ingress, tc_egress, msg_redirect)
+                                               sockhash, listen, events, meta)
+    <pin_dir>/v<LAYOUT>/prog_<name>   programs (connect4, connect6, sockops, getsockopt,
+                                               lookup, tc_ingress, tc_egress, msg_redirect)
     <pin_dir>/v<LAYOUT>/link_<name>   bpf links holding the cgroup attachments:
                                       unpinning (after LINK_DETACH) detaches them
+    <pin_dir>/v<LAYOUT>/link_lookup_<netns cookie>
+                                      a pod namespace's sk_lookup link (inbound path)
+    <pin_dir>/v<LAYOUT>/link_tcx_...  a pod interface's tcx links (tc inbound path, opt-in)
 
-The layout version is in the directory name and in every kernel map name (``mi1_*``), so a
+The layout version is in the directory name and in every kernel map name (``mi2_*``), so a
 node loaded by a build with another layout is recognised, never misread.
 """
 
@@ -31,21 +34,25 @@ LOADING_RE = re.compile(r"^loading-v\d+-\d+$")  # bpffs refuses names with dots
 #: pin name -> (kernel map name, key ctypes, value ctypes, per-CPU); None where the map's
 #: keys or values are not data (socket storage, sockets, ring buffer records).
 MAPS = {
-    "config": ("mi1_config", ctypes.c_uint64, T.Config, False),
-    "podip": ("mi1_podip", ctypes.c_uint32, T.Pod, False),  # key: the IPv4 address, network order in memory
-    "origdst": ("mi1_origdst", T.Tuple, T.Origin, False),
-    "counters": ("mi1_counters", ctypes.c_uint64, T.Counters, True),
-    "sock": ("mi1_sock", None, T.Sock, False),
-    "sockhash": ("mi1_sockhash", T.Tuple, None, False),  # values are sockets: keys only
-    "events": ("mi1_events", None, T.Event, False),
-    "meta": ("mi1_meta", ctypes.c_uint32, T.Meta, False),
+    "config": ("mi2_config", ctypes.c_uint64, T.Config, False),
+    "podip": ("mi2_podip", T.Addr, T.Pod, False),  # key: the address, IPv4 v4-mapped
+    "origdst": ("mi2_origdst", T.Tuple, T.Origin, False),
+    "counters": ("mi2_counters", ctypes.c_uint64, T.Counters, True),
+    "sock": ("mi2_sock", None, T.Sock, False),
+    "sockhash": ("mi2_sockhash", T.Tuple, None, False),  # values are sockets: keys only
+    # inbound listeners: a put takes a socket fd, a get returns that socket's cookie
+    "listen": ("mi2_listen", T.ListenKey, ctypes.c_uint64, False),
+    "events": ("mi2_events", None, T.Event, False),
+    "meta": ("mi2_meta", ctypes.c_uint32, T.Meta, False),
 }
 
 #: program pin name -> (function in bpf/, bpf prog type, expected attach type or -1)
 PROGRAMS = {
     "connect4": ("mi_connect4", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_INET4_CONNECT),
+    "connect6": ("mi_connect6", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_INET6_CONNECT),
     "sockops": ("mi_sockops", uapi.BPF_PROG_TYPE_SOCK_OPS, -1),
     "getsockopt": ("mi_getsockopt", uapi.BPF_PROG_TYPE_CGROUP_SOCKOPT, uapi.BPF_CGROUP_GETSOCKOPT),
+    "lookup": ("mi_lookup", uapi.BPF_PROG_TYPE_SK_LOOKUP, uapi.BPF_SK_LOOKUP),
     "tc_ingress": ("mi_tc_ingress", uapi.BPF_PROG_TYPE_SCHED_CLS, -1),
     "tc_egress": ("mi_tc_egress", uapi.BPF_PROG_TYPE_SCHED_CLS, -1),
     "msg_redirect": ("mi_msg_redirect", uapi.BPF_PROG_TYPE_SK_MSG, -1),
@@ -54,12 +61,18 @@ PROGRAMS = {
 #: cgroup attachments: link pin name -> (program pin name, attach type)
 CGROUP_LINKS = {
     "connect4": ("connect4", uapi.BPF_CGROUP_INET4_CONNECT),
+    "connect6": ("connect6", uapi.BPF_CGROUP_INET6_CONNECT),
     "sockops": ("sockops", uapi.BPF_CGROUP_SOCK_OPS),
     "getsockopt": ("getsockopt", uapi.BPF_CGROUP_GETSOCKOPT),
 }
 
 #: acceleration is optional: its absence is a warning, not a failure
 OPTIONAL_PROGRAMS = ("msg_redirect",)
+
+
+def lookup_link_name(cookie: int) -> str:
+    """Pin name of a pod namespace's sk_lookup link."""
+    return f"lookup_{cookie}"
 
 
 def layout_dirs(pin_dir: str) -> List[str]:

@@ -18,15 +18,13 @@ enable target.
 
 from __future__ import annotations
 
-import array
 import errno
-import fcntl
 import os
 import socket
-import struct
 from typing import Dict, List, Optional
 
 from . import bpfsys
+from .addrs import ipv4_by_interface
 from meshintercept.errors import BackendFailure
 from meshintercept.netns import Netns
 
@@ -40,39 +38,10 @@ ETH_P_ALL = 0x0003
 
 
 TCX = {"in": (bpfsys.BPF_TCX_INGRESS, "mi_tc_ingress"), "eg": (bpfsys.BPF_TCX_EGRESS, "mi_tc_egress")}
-SIOCGIFCONF = 0x8912
-_IFREQ = 40  # struct ifreq on 64-bit Linux: name[16] + union (24)
 
 
 def tcx_pin_name(cookie: int, ifindex: int, direction: str) -> str:
     return f"link_tcx_{cookie}_{ifindex}_{direction}"
-
-
-def ipv4_by_interface() -> Dict[int, List[str]]:
-    """Non-loopback IPv4 addresses per ifindex in the calling thread's namespace, with one
-    ioctl (SIOCGIFCONF lists every address, secondary ones under a ``dev:label`` name)."""
-    out: Dict[int, List[str]] = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        size = 64
-        while True:
-            buf = array.array("B", bytes(size * _IFREQ))
-            addr, _ = buf.buffer_info()
-            ifc = struct.pack("iL", size * _IFREQ, addr)
-            used = struct.unpack("iL", fcntl.ioctl(sock.fileno(), SIOCGIFCONF, ifc))[0]
-            if used < size * _IFREQ:
-                break
-            size *= 4
-        raw = buf.tobytes()
-        index_of: Dict[str, int] = {}
-        for off in range(0, used, _IFREQ):
-            name = raw[off:off + 16].split(b"\0", 1)[0].decode().split(":", 1)[0]
-            ip = socket.inet_ntoa(raw[off + 20:off + 24])
-            if ip.startswith("127."):
-                continue
-            if name not in index_of:
-                index_of[name] = socket.if_nametoindex(name)
-            out.setdefault(index_of[name], []).append(ip)
-    return out
 
 
 def _tcx_ours(ifindex: int, direction: str) -> bool:
@@ -94,26 +63,7 @@ def _tcx_ours(ifindex: int, direction: str) -> bool:
     return False
 
 
-def _unpin_link(path: str) -> bool:
-    try:
-        fd = bpfsys.obj_get(path)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        fd = None
-    try:
-        if fd is not None:
-            try:
-                bpfsys.link_detach(fd)
-            except OSError:
-                pass  # already detached (device gone)
-    finally:
-        bpfsys.close(fd)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
+_unpin_link = bpfsys.unpin_link
 
 
 def tcx_link_alive(path: str, ifindex: int) -> bool:

@@ -32,9 +32,10 @@ def decode(raw: bytes, names: Optional[Dict[int, str]] = None) -> dict:
         "event": T.EVENT_KINDS.get(ev.kind, str(ev.kind)),
         "pid": ev.pid,
         "uid": ev.uid,
-        "src": f"{T.be32_to_ip(ev.src_ip)}:{ev.src_port}" if ev.src_ip else None,
-        "dst": f"{T.be32_to_ip(ev.dst_ip)}:{ev.dst_port}" if ev.dst_ip else None,
-        "to": f"{T.be32_to_ip(ev.new_ip)}:{ev.new_port}" if ev.new_port else None,
+        "src": T.endpoint_text(ev.src_ip, ev.src_port) if not T.is_zero(ev.src_ip) else None,
+        "dst": T.endpoint_text(ev.dst_ip, ev.dst_port) if not T.is_zero(ev.dst_ip) else None,
+        "to": T.endpoint_text(ev.new_ip, ev.new_port) if ev.new_port and not T.is_zero(ev.new_ip) else
+        (f":{ev.new_port}" if ev.new_port else None),
         "reason": T.REASONS.get(ev.reason, str(ev.reason)) if ev.reason else "",
     }
 

@@ -69,7 +69,7 @@ class IptablesInterceptor(Interceptor):
                 else:
                     netns.run(table.remove, where, None, version)
             raise
-        extra = {"table": model.TABLE, "backend": TABLE_BACKEND, "chains": sorted(model.OWN_CHAINS),
+        extra = {"table": model.TABLE, "backend": TABLE_BACKEND, "chains": list(model.build(spec).chains),
                  "rules": sum(len(model.build(spec, v).rules) for v in done), "families": list(families)}
         warnings = notes + probe.warnings_for(netns.name, {"foreign_redirects": foreign})
         if warnings:
@@ -257,9 +257,10 @@ def _counters(lives: dict) -> dict:
     """Packets/bytes through our REDIRECT rules, both families: NAT sees only a connection's
     first packet, so ``packets`` is the number of connections redirected."""
     out = {}
-    for label, chain in (("inbound", model.IN_REDIRECT), ("outbound", model.OUT_REDIRECT)):
+    for label, chain in (("inbound", model.IN_REDIRECT), ("outbound", model.OUT_REDIRECT), ("dns", model.DNS)):
         rules = [r for live in lives.values() for r in live.rules if r.chain == chain and r.target == "REDIRECT"]
-        out[label] = {"packets": sum(r.packets for r in rules), "bytes": sum(r.bytes for r in rules)}
+        if rules or label != "dns":  # DNS only where it is captured
+            out[label] = {"packets": sum(r.packets for r in rules), "bytes": sum(r.bytes for r in rules)}
     return out
 
 

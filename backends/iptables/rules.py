@@ -15,6 +15,11 @@ table (iptables) and the IPv6 one (ip6tables)::
     MI_IN_REDIRECT:  REDIRECT --to-ports <inbound port>
     MI_OUT_REDIRECT: REDIRECT --to-ports <outbound port>
 
+With --capture-dns, before the TCP jump: OUTPUT udp/tcp dport 53 -> MI_DNS: proxy UID
+RETURN, loopback RETURN, excluded CIDRs RETURN, then udp and tcp REDIRECT --to-ports <DNS
+port>. conntrack un-NATs every reply, so it comes back from the server the app asked. An
+excluded outbound port 53 means no DNS rules at all.
+
 An AF_INET6 socket connected to a v4-mapped address sends IPv4 packets: the IPv4 table
 intercepts it, and its CIDR exclusions apply. ip6tables' REDIRECT sends outbound to [::1]
 and inbound to the address the connection came in on, so the sidecar listens on [::].
@@ -36,7 +41,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from meshintercept.spec import InterceptSpec
+from meshintercept.spec import DNS_PORT, InterceptSpec
 
 TABLE = "nat"
 PREFIX = "MI_"
@@ -46,9 +51,11 @@ INBOUND = "MI_INBOUND"
 IN_REDIRECT = "MI_IN_REDIRECT"
 OUTPUT = "MI_OUTPUT"
 OUT_REDIRECT = "MI_OUT_REDIRECT"
+DNS = "MI_DNS"
+BASE_CHAINS = (INBOUND, IN_REDIRECT, OUTPUT, OUT_REDIRECT)
 #: Every chain this backend owns. A later layout that renames a chain keeps the old name
 #: here so disable still removes what an older version added.
-OWN_CHAINS = frozenset({INBOUND, IN_REDIRECT, OUTPUT, OUT_REDIRECT})
+OWN_CHAINS = frozenset(BASE_CHAINS + (DNS,))
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
 
 #: The kernel's multiport match takes at most 15 ports per rule.
@@ -189,10 +196,14 @@ def build(spec: InterceptSpec, family: int = 4) -> Ruleset:
     """The complete rule set for a spec in one IP family's table. Pure: same spec, same rules,
     same order."""
     proxy_ports = set(spec.proxy_ports)
-    rules: List[Rule] = [
-        Rule("PREROUTING", INBOUND, "inbound TCP is checked by MI_INBOUND"),
-        Rule("OUTPUT", OUTPUT, "outbound TCP is checked by MI_OUTPUT"),
-    ]
+    dns = spec.capture_dns and DNS_PORT not in spec.exclude_outbound_ports
+    rules: List[Rule] = [Rule("PREROUTING", INBOUND, "inbound TCP is checked by MI_INBOUND")]
+    if dns:
+        # Before the TCP jump, so TCP to port 53 reaches the DNS port rather than the outbound one.
+        for proto in ("udp", "tcp"):
+            rules.append(Rule("OUTPUT", DNS, f"DNS over {proto.upper()} is checked by MI_DNS", protocol=proto,
+                              matches=(Match(proto, "dport", str(DNS_PORT)),)))
+    rules.append(Rule("OUTPUT", OUTPUT, "outbound TCP is checked by MI_OUTPUT"))
 
     # Inbound. Reached from PREROUTING only, where the owner match is invalid: the kernel
     # would refuse the whole table if one were used here.
@@ -224,12 +235,27 @@ def build(spec: InterceptSpec, family: int = 4) -> Ruleset:
         rules.append(Rule(OUTPUT, "RETURN", f"excluded outbound {_ports_phrase(m)} direct", matches=(m,)))
     rules.append(Rule(OUTPUT, OUT_REDIRECT, "all other outbound TCP goes to the proxy"))
     rules.append(Rule(OUT_REDIRECT, "REDIRECT", "to the proxy outbound port", to_ports=spec.outbound_port))
+    if dns:
+        rules += _dns_rules(spec, family)
 
-    chains = tuple(sorted(OWN_CHAINS))  # libiptc keeps user chains sorted by name
+    chains = tuple(sorted(BASE_CHAINS + ((DNS,) if dns else ())))  # libiptc keeps user chains sorted by name
     order = {name: i for i, name in enumerate(BUILTIN_CHAINS + chains)}
     # iptables-save prints chain by chain: built-ins in hook order, then user chains by name.
     rules.sort(key=lambda r: order[r.chain])  # stable: keeps rule order inside a chain
     return Ruleset(chains=chains, rules=tuple(rules), family=family)
+
+
+def _dns_rules(spec: InterceptSpec, family: int) -> List[Rule]:
+    rules = [Rule(DNS, "RETURN", f"DNS of the proxy (uid {spec.proxy_uid}) goes direct", protocol=None,
+                  matches=(Match("owner", "uid-owner", str(spec.proxy_uid)),)),
+             Rule(DNS, "RETURN", "loopback resolvers are left alone", protocol=None, dst=LOOPBACK[family])]
+    for net in spec.cidrs(family):
+        rules.append(Rule(DNS, "RETURN", f"DNS to excluded CIDR {net} goes direct", protocol=None,
+                          dst=str(net) if net.prefixlen else None))
+    for proto in ("udp", "tcp"):
+        rules.append(Rule(DNS, "REDIRECT", f"DNS over {proto.upper()} to the proxy DNS port", protocol=proto,
+                          to_ports=spec.dns_port))
+    return rules
 
 
 def is_foreign_mesh_chain(chain: str) -> bool:

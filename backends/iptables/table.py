@@ -311,30 +311,30 @@ def _reconcile(table, live: LiveTable, ruleset: model.Ruleset) -> dict:
         if chain not in existing:
             table.create_chain(chain)
 
-    # Our rules in built-in chains: keep one of each wanted line, drop the rest, add the missing.
+    # Our rules in built-in chains are one block, in the ruleset's order (the DNS jumps must come
+    # before the TCP one), where our first rule was among other tools' rules, else at the end.
     for builtin in model.BUILTIN_CHAINS:
         wanted = [r for r in ruleset.jumps if r.chain == builtin]
         mine = [r for r in live.rules if r.chain == builtin and r.ours]
         if [r.line for r in mine] == [r.save() for r in wanted]:
             continue
-        if not wanted and not mine:
-            continue
         chain = iptc.Chain(table, builtin)
-        keep = {r.save() for r in wanted}
-        seen = set()
+        position, others = None, 0
         for rule in list(chain.rules):
-            line, comment = render_rule(builtin, rule)
+            _line, comment = render_rule(builtin, rule)
             if not model.is_own_comment(comment):
+                others += 1
                 continue
-            if line in keep and line not in seen:
-                seen.add(line)
-                continue
+            if position is None:
+                position = others
             chain.delete_rule(rule)
             removed += 1
-        for rule in wanted:
-            if rule.save() not in seen:
+        for offset, rule in enumerate(wanted):
+            if position is None:
                 chain.append_rule(to_iptc(iptc, rule, ruleset.family))
-                added += 1
+            else:
+                chain.insert_rule(to_iptc(iptc, rule, ruleset.family), position + offset)
+            added += 1
 
     # Our own chains: refill only those whose content differs.
     for chain_name in ruleset.chains:

@@ -28,7 +28,7 @@ from typing import Dict, Optional
 from meshintercept import errors as core_errors
 from meshintercept import registry
 from meshintercept.cni import config as cfgmod
-from meshintercept.cni import invocation_log, kube, protocol
+from meshintercept.cni import annotations, invocation_log, kube, protocol
 from meshintercept.cni.attachments import Attachment, AttachmentIndex
 from meshintercept.cni.namespaces import compare, open_netns
 from meshintercept.cni.protocol import CniError
@@ -108,23 +108,28 @@ def _select(inv: Invocation, cfg: cfgmod.PluginConfig):
         code = protocol.TRY_AGAIN_LATER if exc.transient else protocol.KUBERNETES_ERROR
         raise CniError(code, f"cannot tell whether to intercept pod {pod_ns}/{pod_name}: {exc.message}") from None
     inv.log["selected"], inv.log["why"] = yes, why
-    return yes, pod_ns, pod_name
+    return yes, pod_ns, pod_name, _pod
 
 
 # --- commands ---------------------------------------------------------------------------
 def cmd_add(inv: Invocation) -> dict:
     cfg = cfgmod.parse(inv.conf)
     inv.log["mode"] = cfg.mode
-    selected, pod_ns, pod_name = _select(inv, cfg)
+    selected, pod_ns, pod_name, pod = _select(inv, cfg)
     if selected:
+        try:
+            spec, mode, sources = annotations.apply(pod, cfg.spec, cfg.mode)
+        except annotations.AnnotationError as exc:
+            raise CniError(protocol.BAD_ANNOTATION, exc.message) from None
+        inv.log["mode"] = mode
         manager = Manager(cfg.node)
         index = AttachmentIndex(cfg.node.state_dir)
         with index.locked():
-            result = manager.enable(inv.netns, cfg.mode, cfg.spec)
+            result = manager.enable(inv.netns, mode, spec, sources=sources)
             netns = Netns.parse(inv.netns)
             index.put(Attachment(
                 network=inv.network, container_id=inv.container_id, ifname=inv.ifname, netns_path=netns.path,
-                netns_key=netns.key, mode=cfg.mode, pod_namespace=pod_ns, pod_name=pod_name,
+                netns_key=netns.key, mode=mode, pod_namespace=pod_ns, pod_name=pod_name,
             ))
         inv.log["action"] = "enabled" if result.get("changed") else "unchanged"
     else:
@@ -162,11 +167,15 @@ def cmd_check(inv: Invocation) -> None:
     cfg = cfgmod.parse(inv.conf)
     inv.log["mode"] = cfg.mode
     netns = Netns.parse(inv.netns)
-    selected, _, _ = _select(inv, cfg)
+    selected, _, _, pod = _select(inv, cfg)
     if not selected:
         inv.log["action"] = "not selected"
         return None
-    problems, live = compare(Manager(cfg.node), netns, cfg.mode, cfg.spec)
+    try:
+        spec, mode, _sources = annotations.apply(pod, cfg.spec, cfg.mode)
+    except annotations.AnnotationError as exc:
+        raise CniError(protocol.BAD_ANNOTATION, exc.message) from None
+    problems, live = compare(Manager(cfg.node), netns, mode, spec)
     if problems:
         raise CniError(protocol.NOT_IN_PLACE, "; ".join(problems) + ".", json.dumps(live, default=str)[:2000])
     inv.log["action"] = "in place"

@@ -37,6 +37,7 @@ NOT_IN_PLACE = 101  # CHECK: interception missing or different from the config
 KUBERNETES_ERROR = 102  # the API said no (auth, bad kubeconfig) - not worth retrying
 CONFLICT = 103  # namespace intercepted by another mode / another mesh
 NOT_PERMITTED = 104  # not root
+BAD_ANNOTATION = 105  # a pod annotation that cannot be honoured (the message names it)
 
 
 class CniError(Exception):

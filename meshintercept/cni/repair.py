@@ -27,14 +27,16 @@ from typing import Dict, List, Optional, Sequence
 
 from meshintercept.cni import kube
 from meshintercept.cni.config import PluginConfig
+from meshintercept.cni import annotations
 from meshintercept.cni.namespaces import compare
 from meshintercept.errors import MeshInterceptError
 from meshintercept.manager import Manager
 from meshintercept.netns import NETNS_RUN_DIR, Netns, list_named, pod_addresses
+from meshintercept.spec import InterceptSpec
 
 DEFAULT_MATCH = ("cni-*",)
 
-NONE, ENABLE, REAPPLY, FORGET, CONFLICT = "none", "enable", "re-enable", "forget", "conflict"
+NONE, ENABLE, REAPPLY, FORGET, CONFLICT, REFUSED = "none", "enable", "re-enable", "forget", "conflict", "refused"
 
 
 @dataclass
@@ -50,6 +52,10 @@ class Candidate:
     problems: List[str] = field(default_factory=list)
     action: str = NONE
     result: str = ""
+    #: The mode and spec this namespace should have: the config's, with the pod's annotations.
+    mode: str = ""
+    spec: Optional[dict] = None
+    sources: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,14 +143,22 @@ def plan(manager: Manager, cfg: PluginConfig, match: Optional[Sequence[str]] = N
         else:
             cand.want, cand.why = True, f"name matches {', '.join(match)}"
         if cand.want:
-            problems, _live = compare(manager, netns, cfg.mode, cfg.spec)
+            try:
+                spec, cand.mode, cand.sources = annotations.apply(pod if pods is not None else None, cfg.spec,
+                                                                  cfg.mode)
+            except annotations.AnnotationError as exc:
+                cand.problems, cand.action = [exc.message], REFUSED
+                out.append(cand)
+                continue
+            cand.spec = spec.to_dict()
+            problems, _live = compare(manager, netns, cand.mode, spec)
             record = manager.record(netns)
             cand.problems = problems
             if not problems:
                 cand.action = NONE
             elif record is None:
                 cand.action = ENABLE
-            elif record.mode != cfg.mode:
+            elif record.mode != cand.mode:
                 cand.action = CONFLICT
             else:
                 cand.action = REAPPLY
@@ -162,8 +176,10 @@ def apply(manager: Manager, cfg: PluginConfig, candidates: List[Candidate]) -> L
         try:
             if cand.action in (ENABLE, REAPPLY):
                 # Enable is atomic and replaces a drifted or different setup of the same mode.
-                manager.enable(cand.ref, cfg.mode, cfg.spec)
+                manager.enable(cand.ref, cand.mode, InterceptSpec.from_dict(cand.spec), sources=cand.sources)
                 cand.result = "fixed"
+            elif cand.action == REFUSED:
+                cand.result = "left alone (a pod annotation cannot be honoured)"
             elif cand.action == FORGET:
                 manager.forget(cand.key)
                 cand.result = "forgotten"

@@ -301,6 +301,74 @@ def transfer(host: str, port: int, up: int, down: int, timeout: float) -> dict:
     return result
 
 
+def dns_query(server: str, port: int, name: str, qtype: int = 1, transport: str = "udp",
+              connected: bool = True, timeout: float = 3.0) -> dict:
+    """One DNS query as a resolver sends it: over UDP from a connected socket (libc's way) or
+    with sendto on an unconnected one, or over TCP. Reports the answer's addresses, its rcode and,
+    for UDP, where the reply came from (a resolver drops replies from anywhere but the server)."""
+    import random
+    import struct
+
+    qid = random.randrange(65536)
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
+    query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", qtype, 1)
+    sock = socket.socket(family_of(server), socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    out = {"ok": False, "from": None}
+    try:
+        if transport == "tcp":
+            sock.connect((server, port))
+            sock.sendall(struct.pack("!H", len(query)) + query)
+            length = struct.unpack("!H", _recv_exactly(sock, 2))[0]
+            reply, out["from"] = _recv_exactly(sock, length), fmt(sock.getpeername())
+        else:
+            if connected:
+                sock.connect((server, port))
+                sock.send(query)
+            else:
+                sock.sendto(query, (server, port))
+            reply, peer = sock.recvfrom(65535)
+            out["from"] = fmt(peer)
+        out.update(ok=True, **_parse_reply(reply, qid))
+    except (OSError, socket.timeout, ValueError) as exc:
+        out.update(error=error_name(exc), message=str(exc))
+    finally:
+        sock.close()
+    return out
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ValueError("connection closed in the middle of a DNS message")
+        buf += chunk
+    return buf
+
+
+def _parse_reply(reply: bytes, qid: int) -> dict:
+    import struct
+
+    rid, flags, qd, an = struct.unpack("!HHHH", reply[:8])
+    if rid != qid:
+        raise ValueError(f"reply id {rid} is not the query's {qid}")
+    i = 12
+    for _ in range(qd):  # skip the question
+        while reply[i]:
+            i += 1 + reply[i]
+        i += 5
+    addresses = []
+    for _ in range(an):
+        i += 2 if reply[i] & 0xC0 else 0  # a compressed name, as every server here writes
+        rtype, _cls, _ttl, rdlen = struct.unpack("!HHIH", reply[i:i + 10])
+        data = reply[i + 10:i + 10 + rdlen]
+        if rtype in (1, 28):
+            addresses.append(socket.inet_ntop(socket.AF_INET if rtype == 1 else socket.AF_INET6, data))
+        i += 10 + rdlen
+    return {"rcode": flags & 0xF, "addresses": addresses}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m meshintercept.lab.apps")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -323,7 +391,19 @@ def main(argv=None) -> int:
         if name == "transfer":
             c.add_argument("--up", type=int, default=20 << 20)
             c.add_argument("--down", type=int, default=20 << 20)
+    d = sub.add_parser("dns")
+    d.add_argument("--server", required=True)
+    d.add_argument("--port", type=int, default=53)
+    d.add_argument("--name", required=True)
+    d.add_argument("--type", type=int, default=1, help="1 A, 28 AAAA")
+    d.add_argument("--transport", choices=("udp", "tcp"), default="udp")
+    d.add_argument("--unconnected", action="store_true", help="UDP with sendto, no connect (dig's way)")
+    d.add_argument("--timeout", type=float, default=3.0)
     args = p.parse_args(argv)
+    if args.cmd == "dns":
+        print(json.dumps(dns_query(args.server, args.port, args.name, args.type, args.transport,
+                                   not args.unconnected, args.timeout)))
+        return 0
     if args.cmd == "serve":
         serve(args.port, args.name, args.mode, args.reply, args.bind)
         return 0

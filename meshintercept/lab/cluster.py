@@ -448,14 +448,44 @@ class Pod(_Place):
         return Transfer(out["local"], out["sent"], out["sent_sha256"], out["received"], out["received_sha256"],
                         out.get("server") or {}, out.get("greeting") or {}, out.get("seconds", 0.0), out)
 
+    def dns(self, server: str, name: str, port: int = 53, qtype: int = 1, transport: str = "udp",
+            connected: bool = True, uid: int = APP_UID, timeout: float = 3.0) -> dict:
+        """One DNS query from this pod (`meshintercept.lab.apps.dns_query`): addresses, rcode, from."""
+        args = ["dns", "--server", server, "--port", str(port), "--name", name, "--type", str(qtype),
+                "--transport", transport, "--timeout", str(timeout)]
+        return self._client(args + ([] if connected else ["--unconnected"]), uid, timeout)
+
+    def resolve(self, name: str, nameserver: str, uid: int = APP_UID, tool: Sequence[str] = ("getent", "hosts")):
+        """Resolve with the libc resolver (or another tool) as the app would, with ``nameserver`` in
+        a resolv.conf of its own (a private mount namespace): the completed process."""
+        conf = os.path.join(self.cluster.workdir, f"resolv-{self.name}-{time.monotonic_ns()}.conf")
+        with open(conf, "w") as f:
+            f.write(f"nameserver {nameserver}\noptions timeout:2 attempts:1\n")
+        os.chmod(conf, 0o644)
+        script = (f"mount --bind {conf} /etc/resolv.conf && exec setpriv --reuid={uid} --regid={uid} "
+                  f"--clear-groups {' '.join(tool)} {name}")
+        return self.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], timeout=20)
+
     def start_sidecar(self, kind: str = "project", spec: Optional[InterceptSpec] = None, routes=None,
-                      inbound_target: str = "127.0.0.1", timeout: float = 10.0):
-        """Start a transparent sidecar ("project" or "haproxy") as spec.proxy_uid; waits until it listens."""
+                      inbound_target: str = "127.0.0.1", timeout: float = 10.0,
+                      dns_hosts: Optional[Dict[str, str]] = None):
+        """Start a transparent sidecar (`meshintercept.lab.sidecars.KINDS`) as spec.proxy_uid; waits
+        until it listens. ``dns_hosts`` (name -> address) turns the project sidecar's DNS forwarder on."""
         from meshintercept.lab.sidecars import start_sidecar
 
-        sidecar = start_sidecar(self, kind, spec, routes, inbound_target, timeout)
+        sidecar = start_sidecar(self, kind, spec, routes, inbound_target, timeout, dns_hosts)
         self.sidecars.append(sidecar)
         return sidecar
+
+    def start_dns_server(self, hosts: Dict[str, str], port: int = 53, uid: Optional[int] = None,
+                         loopback_only: bool = False):
+        """dnsmasq (Debian's) answering only ``hosts`` on ``port``, UDP and TCP, both families; as
+        the pod's DNS sidecar (port 15053 on loopback, as the proxy UID) or as a server others ask."""
+        from meshintercept.lab.sidecars import start_dns_server
+
+        server = start_dns_server(self, hosts, port, uid, loopback_only)
+        self.sidecars.append(server)
+        return server
 
     def iptables_save(self, table: str = "nat", legacy: bool = True, family: int = 4) -> str:
         """iptables-save (ip6tables-save for family 6) of this pod's namespace, legacy or nft,
@@ -528,7 +558,9 @@ class TestCluster:
         bin_dir = os.path.join(self.workdir, "bin")
         os.mkdir(bin_dir, 0o755)
         self._scripts = {}
-        for name, module in (("apps", apps), ("sidecar", sidecar)):
+        from meshintercept import dnsfwd
+
+        for name, module in (("apps", apps), ("sidecar", sidecar), ("dnsfwd", dnsfwd)):
             path = os.path.join(bin_dir, f"{name}.py")
             shutil.copyfile(module.__file__, path)
             os.chmod(path, 0o644)

@@ -424,3 +424,95 @@ class HttpSidecarContract(ContractBase):
         local, app = self.get(client, remote, via, uid=spec["proxy_uid"])
         assert app["peer"] == local, "a connection of the proxy UID was redirected"
         self.assert_untouched_sidecar(world, client, mark)
+
+
+class DnsContract(ContractBase):
+    """--capture-dns: every DNS query of the app (UDP from connected and unconnected sockets,
+    TCP; IPv4 and IPv6 servers) reaches the pod's DNS sidecar and its answer comes back from the
+    server the app asked. ``dns_sidecar``: "project" (the forwarder: names from a file, the rest
+    forwarded to that server) or "dnsmasq" (Debian's, as the proxy UID on the DNS port, answering
+    names only it knows). Every pod also runs a DNS server on port 53 that knows other names."""
+
+    dns_sidecar: str = "project"
+    vias = ("ipv4", "ipv6")  # the server's address family; the query socket matches it
+    SIDECAR_NAME, SIDECAR_ADDR = "only-the-sidecar.test", "10.231.88.8"
+    SERVER_NAME, SERVER_ADDR = "only-the-server.test", "10.231.99.9"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def world(cls):
+        if os.geteuid() != 0:
+            pytest.skip("the contract suite needs root (namespaces, cgroups, interception)")
+        reason = unavailable_reason(cls.mode)
+        if reason:
+            pytest.skip(f"mode {cls.mode} is not available here: {reason}")
+        spec = cls.spec()
+        with TestCluster(nodes=2) as cluster:
+            pods = {name: cluster.add_pod(node, name) for name, node in (("client", 0), ("server", 1))}
+            sidecars = {}
+            for name, pod in pods.items():
+                pod.start_dns_server({cls.SERVER_NAME: cls.SERVER_ADDR})
+                hosts = {cls.SIDECAR_NAME: cls.SIDECAR_ADDR}
+                if cls.dns_sidecar == "project":
+                    sidecars[name] = pod.start_sidecar("project", spec=spec, dns_hosts=hosts)
+                else:
+                    pod.start_sidecar("project", spec=spec)
+                    sidecars[name] = pod.start_dns_server(hosts, spec.dns_port, uid=spec.proxy_uid, loopback_only=True)
+            yield World(cluster, pods, sidecars)
+            for node in cluster.nodes:
+                node.manager().disable_all()
+
+    def enable(self, pod: Pod, **spec_changes) -> dict:
+        return super().enable(pod, **{"capture_dns": True, **spec_changes})
+
+    @pytest.mark.parametrize("kind", ["udp", "udp-unconnected", "tcp"])
+    def test_queries_reach_the_dns_sidecar_and_answers_come_from_the_server_asked(self, world, via, kind):
+        client, server = world.client, world.server
+        asked = server.address(via)
+        self.enable(client)
+        got = client.dns(asked, self.SIDECAR_NAME, transport=kind.split("-")[0], connected=kind == "udp")
+        assert got["ok"] and got["addresses"] == [self.SIDECAR_ADDR], got
+        assert got["from"] == server.endpoint(53, via), "the reply must come from the server the app asked"
+        self.disable(client)  # and without capture the same query goes to that server, which does not know it
+        direct = client.dns(asked, self.SIDECAR_NAME, transport=kind.split("-")[0], connected=kind == "udp")
+        assert direct["ok"] and direct["addresses"] == [] and direct["from"] == server.endpoint(53, via)
+
+    def test_the_libc_resolver_and_dig_over_tcp_get_the_sidecars_answer(self, world, via):
+        client, server = world.client, world.server
+        self.enable(client)
+        found = client.resolve(self.SIDECAR_NAME, server.address(via))
+        assert found.returncode == 0 and found.stdout.split()[0] == self.SIDECAR_ADDR, found
+        dug = client.resolve(self.SIDECAR_NAME, server.address(via), tool=("dig", "+short", "+tcp"))
+        assert dug.stdout.split() == [self.SIDECAR_ADDR], dug
+        self.disable(client)
+        assert client.resolve(self.SIDECAR_NAME, server.address(via)).returncode != 0
+
+    def test_the_proxys_own_queries_excluded_servers_and_loopback_resolvers_go_direct(self, world, via):
+        client, server = world.client, world.server
+        spec = self.enable(client)["spec"]
+        asked = server.address(via)
+        own = client.dns(asked, self.SIDECAR_NAME, uid=spec["proxy_uid"])
+        assert own["ok"] and own["addresses"] == [], "a query of the proxy UID was captured"
+        # the pod's own server on loopback does not know the sidecar's name: asked, it says so
+        assert client.dns("::1" if via == "ipv6" else "127.0.0.1", self.SIDECAR_NAME)["addresses"] == []
+        self.enable(client, exclude_outbound_cidrs=[self.cidr(server, via)])
+        assert client.dns(asked, self.SIDECAR_NAME)["addresses"] == []
+        assert client.dns(asked, self.SERVER_NAME)["addresses"] == [self.SERVER_ADDR]
+
+    def test_names_the_sidecar_does_not_know_are_forwarded_to_the_server_asked(self, world, via):
+        if self.dns_sidecar != "project":
+            pytest.skip("dnsmasq here answers only its own names (no upstream)")
+        client, server = world.client, world.server
+        self.enable(client)
+        mark = world.sidecars["client"].mark()
+        for transport, connected in (("udp", True), ("udp", False), ("tcp", True)):
+            got = client.dns(server.address(via), self.SERVER_NAME, transport=transport, connected=connected)
+            assert got["addresses"] == [self.SERVER_ADDR] and got["from"] == server.endpoint(53, via), got
+        logged = world.sidecars["client"].wait_for(lambda e: e["direction"] == "dns", since=mark, count=3)
+        assert [(e["answered"], e["original_dst"]) for e in logged] == [("forwarded", server.endpoint(53, via))] * 3
+
+    def test_without_the_flag_nothing_is_captured(self, world, via):
+        client, server = world.client, world.server
+        super().enable(client)  # TCP interception on, DNS capture off
+        got = client.dns(server.address(via), self.SIDECAR_NAME, transport="tcp")
+        assert got["ok"] and got["addresses"] == [], "DNS was captured without --capture-dns"

@@ -109,7 +109,7 @@ def haproxy_config(outbound_port: int = 15001, inbound_port: int = 15003, inboun
 
 def _normalise_project(raw: dict) -> dict:
     entry = {k: raw.get(k) for k in ("direction", "peer", "local", "original_dst", "upstream", "upstream_local",
-                                     "route", "bytes_up", "bytes_down", "error")}
+                                     "route", "bytes_up", "bytes_down", "error", "transport", "name", "answered")}
     entry.update(kind="project", raw=raw)
     return entry
 
@@ -274,9 +274,16 @@ def _json_lines(path: str) -> List[dict]:
     return out
 
 
+def _hosts_file(path: str, hosts: Dict[str, str]) -> str:
+    with open(path, "w") as f:
+        f.writelines(f"{addr} {name}\n" for name, addr in sorted(hosts.items()))
+    os.chmod(path, 0o644)
+    return path
+
+
 def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpec] = None,
                   routes: Optional[Routes] = None, inbound_target: str = "127.0.0.1",
-                  timeout: float = 10.0) -> Sidecar:
+                  timeout: float = 10.0, dns_hosts: Optional[Dict[str, str]] = None) -> Sidecar:
     if kind not in KINDS:
         raise ValueError(f"unknown sidecar kind {kind!r}; use one of {', '.join(KINDS)}")
     spec = spec or InterceptSpec()
@@ -293,7 +300,15 @@ def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpe
             # Opened here so the file exists (and is ours) before the sidecar drops to the proxy UID.
             open(log_path, "a").close()
             os.chown(log_path, spec.proxy_uid, spec.proxy_uid)
-            process = pod.spawn(argv, uid=spec.proxy_uid, stdout=subprocess.DEVNULL, stderr=err)
+            uid = spec.proxy_uid
+            if dns_hosts is not None:
+                argv += ["--dns-port", str(spec.dns_port), "--dns-hosts", _hosts_file(base + ".hosts", dns_hosts)]
+                # Under the NAT modes the forwarder asks conntrack where a UDP query was going, which
+                # takes CAP_NET_ADMIN: the proxy UID keeps that one capability (and only that one).
+                argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=+net_admin",
+                        "--ambient-caps=+net_admin", *argv]
+                uid = None
+            process = pod.spawn(argv, uid=uid, stdout=subprocess.DEVNULL, stderr=err)
         elif kind == "squid":
             squid = shutil.which("squid") or "/usr/sbin/squid"
             os.mkdir(base, 0o755)
@@ -317,3 +332,43 @@ def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpe
         sidecar.stop()
         raise type(exc)(f"{exc}; {kind} sidecar stderr: {sidecar.stderr().strip()[-2000:]}") from None
     return sidecar
+
+
+class DnsServer(Sidecar):
+    """dnsmasq in a pod; `queries()` are the names it was asked, from its query log."""
+
+    def queries(self) -> List[str]:
+        try:
+            with open(self.log_path) as f:
+                return [line.split("query[", 1)[1].split()[1] for line in f if "query[" in line]
+        except FileNotFoundError:
+            return []
+
+
+def start_dns_server(pod: "Pod", hosts: Dict[str, str], port: int = 53, uid: Optional[int] = None,
+                     loopback_only: bool = False, timeout: float = 10.0) -> DnsServer:
+    """Debian's dnsmasq: answers ``hosts`` and nothing else (no upstream, no /etc/hosts), UDP and TCP."""
+    base = os.path.join(pod.cluster.workdir, f"dnsmasq-{pod.name}-{port}-{time.monotonic_ns()}")
+    log_path, stderr_path = base + ".log", base + ".stderr"
+    open(log_path, "a").close()
+    if uid is not None:
+        os.chown(log_path, uid, uid)
+    argv = [shutil.which("dnsmasq") or "/usr/sbin/dnsmasq", "--keep-in-foreground", f"--port={port}", "--no-resolv",
+            "--no-hosts", f"--addn-hosts={_hosts_file(base + '.hosts', hosts)}", "--log-queries",
+            f"--log-facility={log_path}", f"--pid-file={base}.pid"]
+    if uid is None:
+        argv.append("--user=root")  # started as root, dnsmasq would switch to a user of its own
+    if loopback_only:
+        argv += ["--listen-address=127.0.0.1,::1", "--bind-interfaces"]
+    if uid is not None:
+        open(base + ".pid", "a").close()
+        os.chown(base + ".pid", uid, uid)
+    with open(stderr_path, "wb") as err:
+        process = pod.spawn(argv, uid=uid, stdout=subprocess.DEVNULL, stderr=err)
+    server = DnsServer("dnsmasq", pod, InterceptSpec(), process, log_path, stderr_path)
+    try:
+        pod.wait_listening(process, (port,), timeout)
+    except Exception as exc:  # noqa: BLE001 - re-raised, with dnsmasq's own words added
+        server.stop()
+        raise type(exc)(f"{exc}; dnsmasq stderr: {server.stderr().strip()[-2000:]}") from None
+    return server
