@@ -152,6 +152,17 @@ def test_proxy_ports_are_never_redirected_even_when_included():
     assert ruleset.chain_rules(model.INBOUND)[0].matches[0].values == (15001, 15003)
 
 
+def test_dns_rules_only_when_captured_and_port_53_is_not_excluded():
+    def chains(**options):
+        return [c.name for c in model.build(InterceptSpec.build(**options)).chains]
+
+    assert "dns" not in chains() and "dns" in chains(capture_dns=True)
+    assert "dns" not in chains(capture_dns=True, exclude_outbound_ports=["53"])
+    output = model.build(InterceptSpec.build(capture_dns=True)).chain_rules(model.OUTPUT)
+    # the DNS jumps come before the TCP jump, or TCP to port 53 would reach the outbound port
+    assert [r.verdict for r in output] == ["jump dns", "jump dns", "jump outbound"]
+
+
 def test_one_family_is_matched_on_the_two_jumps():
     ruleset = model.build(InterceptSpec(), ["ipv4"])
     jumps = [r for r in ruleset.rules if r.verdict.startswith("jump")]
@@ -176,7 +187,10 @@ def test_recommendation_follows_what_works_and_what_iptables_is():
     (EVERYTHING, ["ipv4", "ipv6"]),
     (InterceptSpec.build(families=["ipv4"], exclude_outbound_ports=["22"]), ["ipv4"]),
     (InterceptSpec.build(families=["ipv6"], exclude_outbound_cidrs=["fd00::/8", "10.0.0.0/8"]), ["ipv6"]),
-], ids=["defaults", "everything", "ipv4-only", "ipv6-only"])
+    (InterceptSpec.build(capture_dns=True, dns_port=15054, exclude_outbound_cidrs=["10.96.0.0/12", "fd00::/8"]),
+     ["ipv4", "ipv6"]),
+    (InterceptSpec.build(capture_dns=True, families=["ipv4"]), ["ipv4"]),
+], ids=["defaults", "everything", "ipv4-only", "ipv6-only", "dns", "dns-ipv4-only"])
 def test_dry_run_is_what_nft_list_table_shows_after_enable(backend, pod, spec, families):
     text = backend.plan(pod.netns, spec)
     assert "current: no meshintercept table" in text
@@ -225,9 +239,12 @@ def test_enable_is_one_transaction_and_the_same_spec_again_sends_none(backend, p
     before = ruleset_items(pod, ours=True)
     assert transactions.count(lambda: backend.enable(pod.netns, old)) == 0
     assert ruleset_items(pod, ours=True) == before  # same handles: the table was not even rewritten
-    # a changed spec replaces the whole table in one transaction
+    # a changed spec replaces the whole table in one transaction, a chain it no longer needs included
+    dns = InterceptSpec.build(capture_dns=True)
+    assert transactions.count(lambda: backend.enable(pod.netns, dns)) == 1
+    assert "chain dns {" in our_listing(pod)
     assert transactions.count(lambda: backend.enable(pod.netns, new)) == 1
-    assert our_listing(pod) == plan_body(backend.plan(pod.netns, new))
+    assert our_listing(pod) == plan_body(backend.plan(pod.netns, new)) and "chain dns" not in our_listing(pod)
     assert transactions.count(lambda: backend.disable(record(pod.netns, new), pod.netns)) == 1
     assert our_listing(pod) == ""
 

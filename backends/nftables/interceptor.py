@@ -208,9 +208,10 @@ def _counters(live: table.LiveTable) -> dict:
     """Packets/bytes through our redirect rules: NAT sees only a connection's first packet, so
     ``packets`` is the number of connections redirected."""
     out = {}
-    for label, chain in (("inbound", model.INBOUND), ("outbound", model.OUTBOUND)):
+    for label, chain in (("inbound", model.INBOUND), ("outbound", model.OUTBOUND), ("dns", model.DNS)):
         rules = [r for r in live.rules if r.chain == chain and any("redirect" in e for e in r.expr)]
-        out[label] = {"packets": sum(r.packets for r in rules), "bytes": sum(r.bytes for r in rules)}
+        if rules or label != "dns":  # DNS only where it is captured
+            out[label] = {"packets": sum(r.packets for r in rules), "bytes": sum(r.bytes for r in rules)}
     return out
 
 

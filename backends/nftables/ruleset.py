@@ -15,11 +15,16 @@ Layout (an ``inet`` table, so each rule serves IPv4 and IPv6; every rule has a c
                         (included ports | all other TCP) redirect to :<inbound port>
       chain outbound    proxy UID return, 127.0.0.0/8 and ::1 return, excluded CIDRs return,
                         excluded ports return, all other TCP redirect to :<outbound port>
+      chain dns         (--capture-dns; output jumps here for udp and tcp dport 53 before
+                        the TCP jump) proxy UID return, loopback resolvers return, excluded
+                        CIDRs return, UDP and TCP redirect to :<DNS port>
 
 The decisions are the iptables backend's (see its ``rules`` module for the reasons): the
 proxy's ports are never redirected, the proxy UID's connections are never redirected (not
 even to its own pod, so no sidecar can loop), all of loopback goes direct, exclusions come
-first, an include list restricts inbound. The priorities are the ones the iptables nat table
+first, an include list restricts inbound, DNS goes to the DNS port unless it is the proxy's,
+to a loopback resolver or to an excluded CIDR, and an excluded outbound port 53 means no DNS
+rules at all. The priorities are the ones the iptables nat table
 hooks at (-100 in both hooks). ``redirect to :port`` sends outbound IPv4 to 127.0.0.1 and
 IPv6 to ::1, inbound to the address the connection came in on; an AF_INET6 socket connected
 to a v4-mapped address sends IPv4 packets, which meet the IPv4 rules. Restricted to one
@@ -34,16 +39,16 @@ import socket
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from meshintercept.spec import FAMILIES, InterceptSpec
+from meshintercept.spec import DNS_PORT, FAMILIES, InterceptSpec
 
 FAMILY = "inet"
 TABLE = "meshintercept"
 COMMENT_PREFIX = "meshintercept:"
 
-PREROUTING, OUTPUT, INBOUND, OUTBOUND = "prerouting", "output", "inbound", "outbound"
+PREROUTING, OUTPUT, INBOUND, OUTBOUND, DNS = "prerouting", "output", "inbound", "outbound", "dns"
 #: Every chain this backend creates. A later layout that renames or reshapes one keeps the old
 #: one in CHAIN_SHAPES so a table an older version made is still recognised as ours.
-OWN_CHAINS = frozenset({PREROUTING, OUTPUT, INBOUND, OUTBOUND})
+OWN_CHAINS = frozenset({PREROUTING, OUTPUT, INBOUND, OUTBOUND, DNS})
 #: NAT priority of the iptables nat table (NF_IP_PRI_NAT_DST) in both hooks; nft prints it
 #: by name only in prerouting.
 NAT_PRIORITY = -100
@@ -58,6 +63,7 @@ LEFT = {
     "meta nfproto": {"meta": {"key": "nfproto"}},
     "meta skuid": {"meta": {"key": "skuid"}},
     "tcp dport": {"payload": {"protocol": "tcp", "field": "dport"}},
+    "udp dport": {"payload": {"protocol": "udp", "field": "dport"}},
     "ip daddr": {"payload": {"protocol": "ip", "field": "daddr"}},
     "ip6 daddr": {"payload": {"protocol": "ip6", "field": "daddr"}},
 }
@@ -160,7 +166,7 @@ class Chain:
         return f"type nat hook {self.hook} priority {priority}; policy accept;"
 
 
-CHAINS = (Chain(PREROUTING, "prerouting"), Chain(OUTPUT, "output"), Chain(INBOUND), Chain(OUTBOUND))
+CHAINS = (Chain(PREROUTING, "prerouting"), Chain(OUTPUT, "output"), Chain(INBOUND), Chain(OUTBOUND), Chain(DNS))
 #: Each chain as the kernel returns it: a chain of one of our names but another kind (a filter
 #: hook, a base chain where ours is reached by jumps) is not ours.
 CHAIN_SHAPES = {c.name: c.json() for c in CHAINS}
@@ -233,6 +239,16 @@ def _ports(ports) -> Tuple[int, ...]:
     return tuple(sorted(set(ports)))
 
 
+def _dns_rules(spec: InterceptSpec, versions: Sequence[int]) -> List[Rule]:
+    rules = [Rule(DNS, (Match("meta skuid", (spec.proxy_uid,)),), f"DNS of the proxy (uid {spec.proxy_uid}) goes direct")]
+    rules += [Rule(DNS, (Match(DADDR[v], (LOOPBACK[v],)),), f"IPv{v} loopback resolvers are left alone") for v in versions]
+    rules += [Rule(DNS, (Match(DADDR[v], (net,)),), "DNS to an excluded CIDR goes direct")
+              for v in versions for net in spec.cidrs(v)]
+    rules += [Rule(DNS, (Match("meta l4proto", (proto,)),), f"DNS over {proto.upper()} goes to the proxy DNS port",
+                   redirect=spec.dns_port) for proto in ("udp", "tcp")]
+    return rules
+
+
 def build(spec: InterceptSpec, families: Sequence[str] = FAMILIES) -> Ruleset:
     """The complete table for a spec, intercepting ``families`` (see `InterceptSpec.effective_families`).
     Pure: same spec and families, same ruleset."""
@@ -241,9 +257,16 @@ def build(spec: InterceptSpec, families: Sequence[str] = FAMILIES) -> Ruleset:
     only = (Match("meta nfproto", (NFPROTO[families[0]],)),) if len(families) == 1 else ()
     tcp = Match("meta l4proto", ("tcp",))
     proxy_ports = set(spec.proxy_ports)
-    chains = CHAINS
+    dns = spec.capture_dns and DNS_PORT not in spec.exclude_outbound_ports
+    chains = tuple(c for c in CHAINS if dns or c.name != DNS)
     rules: List[Rule] = [
-        Rule(PREROUTING, only + (tcp,), "inbound TCP is checked in chain inbound", verdict=f"jump {INBOUND}"),
+        Rule(PREROUTING, only + (tcp,), "inbound TCP is checked in chain inbound", verdict=f"jump {INBOUND}")]
+    if dns:
+        # Before the TCP jump, so TCP to port 53 reaches the DNS port rather than the outbound one.
+        for proto in ("udp", "tcp"):
+            rules.append(Rule(OUTPUT, only + (Match(f"{proto} dport", (DNS_PORT,)),),
+                              f"DNS over {proto.upper()} is checked in chain dns", verdict=f"jump {DNS}"))
+    rules += [
         Rule(OUTPUT, only + (tcp,), "outbound TCP is checked in chain outbound", verdict=f"jump {OUTBOUND}"),
         # Inbound. Reached from prerouting only, where no socket owner is known.
         Rule(INBOUND, (Match("tcp dport", _ports(proxy_ports)),), "the proxy ports are never redirected"),
@@ -274,6 +297,8 @@ def build(spec: InterceptSpec, families: Sequence[str] = FAMILIES) -> Ruleset:
                           "excluded outbound ports go direct"))
     rules.append(Rule(OUTBOUND, (tcp,), "all other outbound TCP goes to the proxy outbound port",
                       redirect=spec.outbound_port))
+    if dns:
+        rules += _dns_rules(spec, versions)
     order = {c.name: i for i, c in enumerate(chains)}
     rules.sort(key=lambda r: order[r.chain])  # stable: keeps the order inside a chain
     return Ruleset(chains=chains, rules=tuple(rules), families=families)
