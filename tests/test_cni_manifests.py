@@ -206,7 +206,8 @@ def test_entrypoint_installs_keeps_on_stop_and_uninstalls_only_when_asked(tmp_pa
 
     _wait_for(agent, installed, "install")
     assert pidfile.read_text().strip() == str(agent.pid)
-    assert "(agent)" in (bin_dir / "meshintercept-cni").read_text()
+    shim = (bin_dir / "meshintercept-cni").read_text()
+    assert "(agent)" in shim and str(pidfile) in shim  # the shim looks where the agent writes
     conflist.write_text(ORIGINAL)  # the primary CNI rewrites its config
     _wait_for(agent, installed, "re-install")
     out = _stop(agent)
