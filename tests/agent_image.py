@@ -217,7 +217,9 @@ def _prune(podman: Podman, keep: str) -> None:
     """Only the newest few test images stay; one a container still uses is kept by podman."""
     listed = podman("images", "--filter", f"reference={IMAGE}", "--format", "json", check=False)
     images = sorted(json.loads(listed.stdout or "[]"), key=lambda i: i.get("Created", 0), reverse=True)
-    tags = [t for i in images for t in i.get("Names") or [] if t.startswith(IMAGE + ":") and t != keep]
+    # An image with two tags is listed once per tag, each time with both names.
+    tags = list(dict.fromkeys(t for i in images for t in i.get("Names") or [] if t.startswith(IMAGE + ":")
+                              and t != keep))
     for tag in tags[KEEP_IMAGES - 1:]:
         podman("rmi", tag, check=False)
 
