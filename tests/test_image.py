@@ -9,7 +9,7 @@ test's own:
 * stopping the agent container (SIGTERM, as every upgrade does) leaves that pod intercepted
   with traffic flowing through the stop, and a pod started while no agent runs is refused.
 
-The image is tagged by a hash of its sources (tests/agent_image.py): the first run builds it
+The image is tagged by a hash of its sources (meshintercept/lab/image.py): the first run builds it
 (a few minutes), later runs with the same sources reuse it.
 """
 
@@ -34,7 +34,7 @@ from meshintercept.netns import Netns
 from meshintercept.node import STATE_ROOT
 
 pytest.importorskip("yaml", reason="PyYAML (Debian python3-yaml) is needed to read deploy/daemonset.yaml")
-import agent_image  # the DaemonSet's container, read with PyYAML
+from meshintercept.lab import image as agent_image  # the DaemonSet's container, read with PyYAML
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(agent_image.BUILD_TIMEOUT + 600)]
 REASON = agent_image.unavailable()

@@ -1,5 +1,5 @@
 """deploy/Dockerfile built with podman from a local Debian base, and run the way
-deploy/daemonset.yaml runs it (helpers for tests/test_image.py).
+deploy/daemonset.yaml runs it (the lab side of tests/test_image.py).
 
 * The base is the minbase tarball .ci/fresh-rootfs caches (``$MI_CI_CACHE``), imported once, or
   one made with mmdebstrap: no registry is needed, only Debian's and PyPI's mirrors for the
@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCKERFILE = os.path.join(REPO, "deploy", "Dockerfile")
 IGNOREFILE = os.path.join(REPO, "deploy", "Dockerfile.dockerignore")
 DAEMONSET = os.path.join(REPO, "deploy", "daemonset.yaml")
