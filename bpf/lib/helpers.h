@@ -54,16 +54,21 @@ static __always_inline int mi_is_loopback(__be32 ip)
 /* Keep clang from turning an index into a pointer walk the verifier cannot bound. */
 #define mi_barrier_var(v) asm volatile("" : "+r"(v))
 
-/* The lists live in the map value; each index is masked after a barrier so the verifier
- * sees every access inside its array whatever clang does to the loop. */
+/*
+ * The lists live in the map value. Both loops compare a barrier'd copy of the counter with
+ * the list length: given the counter itself, clang merges `i < MAX` and `i >= n` into one
+ * exit test against n (up to 65535), which 6.1's verifier cannot bound ("The sequence of
+ * 8193 jumps is too complex"); with the copy the constant bound stays its own test. The
+ * index is masked too, so every access is inside its array whatever clang does.
+ */
 static __always_inline int mi_port_in(const __u16 *list, __u16 n, __u16 port)
 {
 	for (__u32 i = 0; i < MI_MAX_PORTS; i++) {
 		__u32 idx = i;
 
-		if (i >= n)
-			break;
 		mi_barrier_var(idx);
+		if (idx >= n)
+			break;
 		if (list[idx & (MI_MAX_PORTS - 1)] == port)
 			return 1;
 	}
@@ -75,9 +80,9 @@ static __always_inline int mi_cidr_excluded(const struct mi_config *cfg, __be32 
 	for (__u32 i = 0; i < MI_MAX_CIDRS; i++) {
 		__u32 idx = i;
 
-		if (i >= cfg->n_exclude_out_cidrs)
-			break;
 		mi_barrier_var(idx);
+		if (idx >= cfg->n_exclude_out_cidrs)
+			break;
 		idx &= MI_MAX_CIDRS - 1;
 		if ((ip & cfg->exclude_out_cidrs[idx].mask) == cfg->exclude_out_cidrs[idx].addr)
 			return 1;
