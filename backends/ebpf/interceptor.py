@@ -74,6 +74,9 @@ class EbpfInterceptor(Interceptor):
             if os.environ.get("MESHINTERCEPT_TC_ATTACH") == "tcx":  # opt-in: see tc.py on its cost
                 attached = tc.attach_tcx(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), pins.dir, cookie,
                                          prev_tc)
+                if attached is None:
+                    warnings.append(f"MESHINTERCEPT_TC_ATTACH=tcx: this kernel ({os.uname().release}) has no tcx "
+                                    f"links (first in Linux 6.6); the tc programs are attached as clsact filters.")
             if attached is None:
                 attached = tc.attach(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), prev_tc)
             added_ips: List[str] = []

@@ -29,9 +29,9 @@ BPF_LOG_STATS = 4
 LOG_SIZE = 256 * 1024
 BPF_PROG_LOAD = 5
 
-#: The oldest kernel the ebpf mode runs on, and why (docs/ebpf.md, "Kernel floor").
+#: The oldest kernel the ebpf mode runs on: the first with bpf_get_netns_cookie() in sockops
+#: and cgroup/getsockopt programs (docs/ebpf.md, "Kernels").
 FLOOR = "5.15"
-FLOOR_REASON = "bpf_get_netns_cookie() in sockops and cgroup/getsockopt programs"
 
 PROG_TYPES = {
     bpfsys.BPF_PROG_TYPE_SCHED_CLS: ("sched_cls (tc)", "4.1"),
@@ -128,7 +128,7 @@ class Refusal:
 
     def remedy(self) -> str:
         if self.missing:
-            return f"the ebpf mode needs Linux >= {FLOOR} ({FLOOR_REASON}): use --mode iptables here or a newer kernel"
+            return f"the ebpf mode needs Linux >= {FLOOR}: use --mode iptables here or a newer kernel"
         if self.kind == "permission":
             return ("run as root with CAP_BPF and CAP_NET_ADMIN, and check kernel lockdown and LSM policy "
                     "(SELinux, AppArmor) for bpf")

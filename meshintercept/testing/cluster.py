@@ -52,6 +52,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 from meshintercept.netns import NETNS_RUN_DIR, Netns, run_forked, setns
 from meshintercept.node import STATE_ROOT, Node, default_cgroup
 from meshintercept.spec import InterceptSpec
+from meshintercept.testing import pace
 
 ENV_PREFIX = "MESHINTERCEPT_TEST_PREFIX"
 DEFAULT_PREFIX = "mi-t"
@@ -386,8 +387,9 @@ class Pod(_Place):
     def connect_many(self, ip_addr: str, port: int, count: int = 100, parallel: int = 20, timeout: float = 10.0,
                      uid: int = APP_UID) -> dict:
         """`count` connections, `parallel` at a time: {"ok", "failed", "errors", "greetings": {pod: n}}."""
+        # The whole batch may take 4x one connection's timeout natively; longer under emulation.
         return self._client(["many", "--host", ip_addr, "--port", str(port), "--count", str(count),
-                             "--parallel", str(parallel), "--timeout", str(timeout)], uid, timeout * 4)
+                             "--parallel", str(parallel), "--timeout", str(timeout)], uid, pace.scaled(timeout * 4))
 
     def transfer(self, ip_addr: str, port: int, up: int = 20 << 20, down: int = 20 << 20, timeout: float = 60.0,
                  uid: int = APP_UID) -> Transfer:
