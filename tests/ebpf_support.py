@@ -27,6 +27,7 @@ import pytest
 
 from meshintercept.netns import Netns, setns
 from meshintercept.node import Node, default_cgroup
+from meshintercept.testing import pace
 from meshintercept.testing.cluster import BASE_PYTHON
 
 PREFIX = "mi-e"
@@ -242,7 +243,7 @@ class Topology:
         return proc
 
     def wait_listening(self, pod: Pod, port: int, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + pace.scaled(timeout)  # interpreter start-up: slower when emulated
         while time.monotonic() < deadline:
             out = sh("ip", "netns", "exec", pod.name, "ss", "-Htln", f"sport = :{port}").stdout
             if out.strip():

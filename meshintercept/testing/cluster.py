@@ -287,6 +287,7 @@ class _Place:
     def wait_listening(self, process: subprocess.Popen, ports: Iterable[int], timeout: float = 10.0) -> None:
         """Block until `process` is alive and all `ports` listen in this namespace."""
         ports = set(ports)
+        timeout = pace.scaled(timeout)  # starting an interpreter is work: slower under emulation
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
