@@ -12,7 +12,7 @@ slip between the scan and the sockops callback) and disable deletes it first.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import types as T
 from meshintercept.errors import UsageError
@@ -56,7 +56,6 @@ class EbpfInterceptor(Interceptor):
 
     def _loaded_pins(self, warnings: List[str]) -> NodePins:
         pins = self.pins()
-        pins.check_layout()
         if not pins.loaded():
             from . import loader
 
@@ -84,7 +83,7 @@ class EbpfInterceptor(Interceptor):
             cfg = T.config_from_spec(spec, accelerate=accelerate, families=captured)
             pod_ips = [p for p in found.pod_ips() if ("ipv6" if ":" in p["ip"] else "ipv4") in captured]
             if spec.inbound_path == T.INBOUND_TC:
-                path = self._enable_tc(pins, netns, cookie, cfg, pod_ips, previous)
+                path = self._enable_tc(pins, netns, cookie, cfg, pod_ips, previous, warnings)
             else:
                 path = self._enable_lookup(pins, netns, cookie, cfg, spec, pod_ips, previous)
         return {
@@ -100,7 +99,7 @@ class EbpfInterceptor(Interceptor):
         }
 
     def _enable_tc(self, pins: NodePins, netns: Netns, cookie: int, cfg: T.Config, pod_ips: List[dict],
-                   previous: Optional[NamespaceRecord]) -> dict:
+                   previous: Optional[NamespaceRecord], warnings: List[str]) -> dict:
         from . import lookup, tc
 
         prev_tc = (previous.extra.get("tc") if previous else None) or []
@@ -109,6 +108,9 @@ class EbpfInterceptor(Interceptor):
         if self.node.tc_attach == "tcx":  # opt-in: see tc.py on its cost
             attached = tc.attach_tcx(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), pins.dir, cookie,
                                      prev_tc)
+            if attached is None:
+                warnings.append(f"--tc-attach tcx: this kernel ({os.uname().release}) has no tcx links (first in "
+                                "Linux 6.6); the tc programs are attached as clsact filters.")
         if attached is None:
             attached = tc.attach(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), prev_tc)
         try:
@@ -288,6 +290,29 @@ class EbpfInterceptor(Interceptor):
                 out[record.key] = self._live(record, netns, pins, configs.get(cookie), totals.get(cookie),
                                              lambda ns, rec: self._tc_state(ns, rec, cheap=True))
         return out
+
+    # --- another build's layout ----------------------------------------------------------
+    def superseded(self) -> List[str]:
+        from . import upgrade
+
+        return upgrade.superseded(self.node.pin_dir)
+
+    def take_over(self, namespaces: List[Tuple[NamespaceRecord, Optional[Netns]]],
+                  grace: Optional[float] = None) -> dict:
+        """Move every namespace from the layouts of other builds into this build's (upgrade.py)."""
+        from . import loader, upgrade
+
+        warnings: List[str] = []
+        self._loaded_pins(warnings).close()
+        live = [(r, ns) for r, ns in namespaces if ns is not None]
+        by_key = {r.key: ns for r, ns in live}
+        report = upgrade.take_over(self.node.pin_dir, [r for r, _ in live],
+                                   lambda r: self.enable(by_key[r.key], r.spec, previous=r),
+                                   loader.remove_layout,
+                                   upgrade.DEFAULT_GRACE_SECONDS if grace is None else grace)
+        report["gone"] = [r.key for r, ns in namespaces if ns is None]
+        report["warnings"] = warnings
+        return report
 
     # --- node -------------------------------------------------------------------------
     def teardown(self) -> List[str]:

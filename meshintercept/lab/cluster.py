@@ -54,6 +54,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from meshintercept.netns import NETNS_RUN_DIR, Netns, run_forked, setns_path
 from meshintercept.node import STATE_ROOT, Node, default_cgroup, mounts
 from meshintercept.spec import InterceptSpec
+from meshintercept.lab import pace
 
 ENV_PREFIX = "MESHINTERCEPT_TEST_PREFIX"
 DEFAULT_PREFIX = "mi-t"
@@ -300,6 +301,7 @@ class _Place:
     def wait_listening(self, process: subprocess.Popen, ports: Iterable[int], timeout: float = 10.0) -> None:
         """Block until `process` is alive and all `ports` listen in this namespace."""
         ports = set(ports)
+        timeout = pace.scaled(timeout)  # starting an interpreter is work: slower under emulation
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
@@ -435,6 +437,9 @@ class Pod(_Place):
     def connect_many(self, ip_addr: str, port: int, count: int = 100, parallel: int = 20, timeout: float = 10.0,
                      uid: int = APP_UID) -> dict:
         """`count` connections, `parallel` at a time: {"ok", "failed", "errors", "greetings": {pod: n}}."""
+        # In a batch a connection waits behind the batch's own work (`parallel` in flight), so its
+        # timeout bounds work too, like the whole batch's 4x: both longer under emulation.
+        timeout = pace.scaled(timeout)
         return self._client(["many", "--host", ip_addr, "--port", str(port), "--count", str(count),
                              "--parallel", str(parallel), "--timeout", str(timeout)], uid, timeout * 4)
 
@@ -468,12 +473,13 @@ class Pod(_Place):
 
     def start_sidecar(self, kind: str = "project", spec: Optional[InterceptSpec] = None, routes=None,
                       inbound_target: str = "127.0.0.1", timeout: float = 10.0,
-                      dns_hosts: Optional[Dict[str, str]] = None):
+                      dns_hosts: Optional[Dict[str, str]] = None, bind: str = ""):
         """Start a transparent sidecar (`meshintercept.lab.sidecars.KINDS`) as spec.proxy_uid; waits
-        until it listens. ``dns_hosts`` (name -> address) turns the project sidecar's DNS forwarder on."""
+        until it listens. ``dns_hosts`` (name -> address) turns the project sidecar's DNS forwarder on;
+        ``bind`` is the project sidecar's listen address (default: [::], dual-stack)."""
         from meshintercept.lab.sidecars import start_sidecar
 
-        sidecar = start_sidecar(self, kind, spec, routes, inbound_target, timeout, dns_hosts)
+        sidecar = start_sidecar(self, kind, spec, routes, inbound_target, timeout, dns_hosts, bind)
         self.sidecars.append(sidecar)
         return sidecar
 
