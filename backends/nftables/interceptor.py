@@ -94,7 +94,7 @@ class NftablesInterceptor(Interceptor):
         current = _current_state(netns, ruleset) if root else None
         if current:
             header.append(current)
-        return ruleset.render(header + [f"note: {n}" for n in notes])
+        return ruleset.render(header + [f"note: {n}" for n in notes], lib.priority_names() if root else None)
 
     # --- node ----------------------------------------------------------------------------------
     @classmethod

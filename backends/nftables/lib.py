@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
+import re
 import socket
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from meshintercept.errors import BackendFailure, EnvironmentMissing, NotPermitted
 
@@ -130,3 +132,35 @@ def failure(exc: NftError, what: str, where: str) -> Exception:
             "'modprobe nf_tables nft_chain_nat nft_redir' or use a kernel with CONFIG_NFT_NAT and CONFIG_NFT_REDIR "
             "(nothing was changed).")
     return BackendFailure(f"the kernel refused {what} in {where} ({reason}); nothing was changed.")
+
+
+@functools.lru_cache(maxsize=None)
+def priority_names() -> Dict[Tuple[str, int], str]:
+    """How this libnftables spells our base chains' priority when it lists them: nft 1.0.6
+    (Debian 12) names -100 ``dstnat`` in prerouting only, 1.1 (Debian 13) in output too. The
+    spelling is the library's, not the kernel's, so one throwaway namespace shows it; where that
+    cannot be made (not root, no nf_tables) the 1.0.6 spelling stands."""
+    from meshintercept.backends.nftables import ruleset as model
+    from meshintercept.errors import MeshInterceptError
+    from meshintercept.netns import run_forked
+
+    try:
+        return run_forked(_spelling_in_throwaway_namespace, model.NAT_PRIORITY)
+    except (MeshInterceptError, OSError, NftError):
+        return dict(model.PRIORITY_NAMES)
+
+
+def _spelling_in_throwaway_namespace(priority: int) -> Dict[Tuple[str, int], str]:
+    from meshintercept.netns import CLONE_NEWNET
+
+    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    hooks = ("prerouting", "output")
+    with session() as nft:
+        nft.run([{"add": {"table": {"family": "inet", "name": "t"}}}]
+                + [{"add": {"chain": {"family": "inet", "table": "t", "name": h, "type": "nat", "hook": h,
+                                      "prio": priority, "policy": "accept"}}} for h in hooks])
+        text = nft.text("list table inet t")
+    spelled = dict(re.findall(r"hook (\w+) priority ([^;]+);", text))
+    return {(h, priority): spelled[h] for h in hooks if spelled.get(h, str(priority)) != str(priority)}
+

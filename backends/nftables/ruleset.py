@@ -49,8 +49,8 @@ PREROUTING, OUTPUT, INBOUND, OUTBOUND, DNS = "prerouting", "output", "inbound", 
 #: Every chain this backend creates. A later layout that renames or reshapes one keeps the old
 #: one in CHAIN_SHAPES so a table an older version made is still recognised as ours.
 OWN_CHAINS = frozenset({PREROUTING, OUTPUT, INBOUND, OUTBOUND, DNS})
-#: NAT priority of the iptables nat table (NF_IP_PRI_NAT_DST) in both hooks; nft prints it
-#: by name only in prerouting.
+#: NAT priority of the iptables nat table (NF_IP_PRI_NAT_DST) in both hooks; nft 1.0.6 prints it
+#: by name only in prerouting (`lib.priority_names` learns the installed library's spelling).
 NAT_PRIORITY = -100
 PRIORITY_NAMES = {("prerouting", -100): "dstnat"}
 
@@ -159,10 +159,10 @@ class Chain:
             out.update(type="nat", hook=self.hook, prio=self.priority, policy="accept")
         return out
 
-    def header(self) -> Optional[str]:
+    def header(self, names: Optional[Dict[Tuple[str, int], str]] = None) -> Optional[str]:
         if not self.hook:
             return None
-        priority = PRIORITY_NAMES.get((self.hook, self.priority), str(self.priority))
+        priority = (PRIORITY_NAMES if names is None else names).get((self.hook, self.priority), str(self.priority))
         return f"type nat hook {self.hook} priority {priority}; policy accept;"
 
 
@@ -213,26 +213,28 @@ class Ruleset:
         return {"chains": [c.json() for c in self.chains],
                 "rules": [(r.chain, r.full_comment, normalized_expr(r.expr())) for r in self.rules]}
 
-    def lines(self, counters: Optional[Sequence[Tuple[int, int]]] = None) -> List[str]:
+    def lines(self, counters: Optional[Sequence[Tuple[int, int]]] = None,
+              names: Optional[Dict[Tuple[str, int], str]] = None) -> List[str]:
         """The table exactly as ``nft list table inet meshintercept`` prints it (counters zero
-        unless given, one (packets, bytes) per rule in order)."""
+        unless given, one (packets, bytes) per rule in order; ``names``: how the library spells
+        priorities, `PRIORITY_NAMES` unless given)."""
         values = iter(counters or [])
         out = [f"table {FAMILY} {TABLE} {{"]
         for i, chain in enumerate(self.chains):
             if i:
                 out.append("")
             out.append(f"\tchain {chain.name} {{")
-            if chain.header():
-                out.append(f"\t\t{chain.header()}")
+            if chain.header(names):
+                out.append(f"\t\t{chain.header(names)}")
             for rule in self.chain_rules(chain.name):
                 out.append(f"\t\t{rule.text(*next(values, (0, 0)))}")
             out.append("\t}")
         out.append("}")
         return out
 
-    def render(self, header: Sequence[str] = ()) -> str:
+    def render(self, header: Sequence[str] = (), names: Optional[Dict[Tuple[str, int], str]] = None) -> str:
         """A complete document; ``nft -f`` accepts it as is (the header lines are comments)."""
-        return "\n".join([f"# {line}" for line in header] + self.lines()) + "\n"
+        return "\n".join([f"# {line}" for line in header] + self.lines(names=names)) + "\n"
 
 
 def _ports(ports) -> Tuple[int, ...]:
