@@ -24,6 +24,24 @@
 #include "lib/helpers.h"
 
 /*
+ * The socket is connected to exactly this address and port. An AF_INET6 socket connected to
+ * a v4-mapped address sends through the IPv4 path, which runs sendmsg4 with the connected
+ * peer as if it were named: that is our own earlier redirect, not the app's choice.
+ */
+static __always_inline int mi_sk_connected_to(struct bpf_sock *sk, const struct mi_addr *ip, __u16 port)
+{
+	struct mi_addr peer = {};
+
+	if (mi_ntohs((__u16)sk->dst_port) != port)
+		return 0;
+	if (mi_addr_is_v4(ip))
+		MI_ADDR_V4(&peer, sk->dst_ip4);
+	else
+		MI_ADDR_V6(&peer, sk->dst_ip6);
+	return mi_addr_eq(&peer, ip);
+}
+
+/*
  * A UDP query of the app (connect or sendto): decide; on MI_OK the socket remembers the
  * origin and ev->new_ip:new_port is where the query goes. UDP to other ports is MI_QUIET,
  * except that an app talking to the DNS port on loopback itself drops the mark of an earlier
@@ -39,7 +57,8 @@ static __always_inline int mi_udp_query(struct bpf_sock_addr *ctx, __u64 netns, 
 	if (!sk)
 		return MI_QUIET;
 	if (ev->dst_port != MI_DNS_PORT) {
-		if (ev->dst_port == cfg->dns_port && mi_addr_is_loopback(&ev->dst_ip)) {
+		if (ev->dst_port == cfg->dns_port && mi_addr_is_loopback(&ev->dst_ip) &&
+		    !mi_sk_connected_to(sk, &ev->dst_ip, ev->dst_port)) {
 			s = mi3_sock.sk_storage_get(sk, 0, 0);
 			if (s)
 				s->flags &= ~MI_ORIG_DNS;
