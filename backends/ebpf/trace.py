@@ -43,7 +43,7 @@ def decode(raw: bytes, names: Optional[Dict[int, str]] = None) -> dict:
 
 def format_line(event: dict) -> str:
     parts = [event["namespace"], event["event"]]
-    if event.get("proto"):
+    if event.get("proto") and event["event"].startswith("dns"):  # DNS goes both ways; the rest is TCP
         parts.append(event["proto"])
     if event["src"]:
         parts.append(f"src={event['src']}")
