@@ -84,6 +84,10 @@ static __always_inline int __mi_lookup(struct bpf_sk_lookup *ctx)
 	__u16 port;
 	long err;
 
+	/* Another program chose a socket already: while an upgrade moves a namespace between
+	 * builds (backends/ebpf/upgrade.py), the old build's link runs first and wins. */
+	if (ctx->sk)
+		return SK_PASS;
 	if (ctx->protocol != MI_IPPROTO_TCP || ctx->ingress_ifindex == MI_LOOPBACK_IFINDEX)
 		return SK_PASS;
 	if (ctx->family == MI_AF_INET6)

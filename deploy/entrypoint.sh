@@ -1,9 +1,11 @@
 #!/bin/sh
 # meshintercept node agent (the DaemonSet's container entrypoint).
 #
-# On start: record this process's (host) PID for the CNI shim, install meshintercept-cni into
-# the node's primary CNI config, repair pods that started before it (and adopt what an earlier
-# agent left: records, rules and pinned programs outlive the agent), and serve metrics on
+# On start: record this process's (host) PID for the CNI shim, take the node over from what an
+# earlier agent left ('meshintercept upgrade': records, rules and pinned programs outlive the
+# agent; programs of the same eBPF layout are reused, another layout is replaced with every pod
+# intercepted throughout), install meshintercept-cni into the node's primary CNI config, repair
+# pods that started before it, and serve metrics on
 # MESHINTERCEPT_METRICS_ADDRESS (empty: off). Then re-run the idempotent install every
 # MESHINTERCEPT_RECONCILE_SECONDS, which puts the plugin back when the cluster's network plugin
 # rewrites its config and refreshes the service-account token.
@@ -57,6 +59,9 @@ trap stop TERM INT
 
 mkdir -p "$(dirname "$PIDFILE")"
 echo $$ > "$PIDFILE"
+
+# Before the plugin: a pod's ADD must find one build owning the node.
+meshintercept upgrade || log "upgrade left objects of an earlier build in place (see above)"
 
 until install_plugin; do
     log "waiting for the cluster's network config in $CONF_DIR"

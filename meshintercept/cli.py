@@ -256,6 +256,44 @@ def _render_disable_all(result):
         click.echo("nothing was enabled on this node")
 
 
+# --- upgrade --------------------------------------------------------------------------------
+@cli.command(epilog=EXIT_CODE_HELP.replace("\n", "\n\n\b\n", 1))
+@click.option("--grace", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="How long the old programs keep answering the original destination of connections they "
+                   "redirected before they are removed (default 2).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_session
+def upgrade(session, grace, as_json):
+    """Take the node over from what an earlier meshintercept build left, with no gap.
+
+    The node agent runs this when it starts. Pinned eBPF programs of the same layout are simply
+    reused. Programs of another layout are replaced without a moment where a pod goes direct:
+    this build's set is loaded beside the old one, every managed namespace is moved over, then
+    the old set is removed. Namespaces in the old maps that this node has no record of keep the
+    old set in place (exit 6) rather than be dropped. Nothing to do is success.
+    """
+    report = session.manager.upgrade(grace)
+    emit(report, as_json, _render_upgrade)
+    if any(r["unknown"] or r["failed"] for r in report["modes"].values()):
+        sys.exit(int(ExitStatus.CONFLICT))
+
+
+def _render_upgrade(report):
+    if not report["modes"]:
+        click.echo("nothing to take over: no mode has objects of an earlier build on this node")
+    for mode, r in report["modes"].items():
+        old = ", ".join(r["superseded"])
+        click.echo(f"{mode}: layout {old} -> {r.get('to', '?')}: {len(r['moved'])} namespaces moved, "
+                   f"{len(r['gone'])} records of vanished namespaces dropped")
+        for name, cookies in r["unknown"].items():
+            click.echo(f"  {name} kept: netns cookies {', '.join(map(str, cookies))} have no record on this node; "
+                       "disable them with the build that enabled them, then run 'meshintercept upgrade' again")
+        for key, why in r["failed"].items():
+            click.echo(f"  {key} not moved: {why}")
+        if r["removed"]:
+            click.echo(f"  removed layout {old} ({len(r['removed'])} pinned objects)")
+
+
 # --- status ---------------------------------------------------------------------------------
 @cli.command()
 @click.option("--netns", envvar=_env("netns"), metavar="NS", help="Show one namespace only. " + NETNS_HELP)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 from meshintercept.netns import Netns
 from meshintercept.node import Node
@@ -92,6 +92,19 @@ class Interceptor(ABC):
     def plan(self, netns: Netns, spec: InterceptSpec) -> str:
         """What enable would do, as text (`--dry-run`); must not change anything."""
         raise NotImplementedError(f"mode {self.name} has no dry-run")
+
+    def superseded(self) -> List[str]:
+        """What earlier builds of this backend left on the node that this build replaces (eBPF:
+        pinned sets of another layout); empty when there is nothing to take over."""
+        return []
+
+    def take_over(self, namespaces: List[Tuple[NamespaceRecord, Optional[Netns]]],
+                  grace: Optional[float] = None) -> dict:
+        """Move every managed namespace from what `superseded` named into this build's objects,
+        with interception in force throughout, then remove the old objects. Returns a report with
+        ``moved`` ({record key: new extra}), ``gone`` (record keys whose namespace no longer
+        exists), ``unknown`` and ``failed`` (what kept the old objects in place)."""
+        return {"moved": {}, "gone": [], "unknown": {}, "failed": {}, "removed": []}
 
     def teardown(self) -> List[str]:
         """Remove node-wide objects (programs, pins, attachments); return what was removed."""

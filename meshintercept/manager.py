@@ -24,6 +24,13 @@ def require_root(action: str) -> None:
         raise NotPermitted(f"{action} needs root (CAP_NET_ADMIN and CAP_BPF); run it with sudo or as root.")
 
 
+def _held_back(report: dict) -> str:
+    parts = [f"{name}: netns cookies {', '.join(map(str, cookies))} have no record here"
+             for name, cookies in report["unknown"].items()]
+    parts += [f"{key}: {why}" for key, why in report["failed"].items()]
+    return "; ".join(parts)
+
+
 class Manager:
     def __init__(self, node: Optional[Node] = None):
         self.node = node or Node.from_options()
@@ -51,6 +58,7 @@ class Manager:
         backend = self.backend(mode)
         started = time.monotonic()
         with self._store.locked():
+            notes = self._take_over(mode)
             previous = self._store.get(netns.key)
             if previous and previous.mode != mode:
                 raise Conflict(
@@ -74,7 +82,9 @@ class Manager:
                 sources=dict(sources or {}),
             )
             self._store.put(record)
-        return self._result(record, changed=True, started=started)
+        result = self._result(record, changed=True, started=started)
+        result["warnings"] += notes
+        return result
 
 
     @staticmethod
@@ -96,6 +106,58 @@ class Manager:
                     f"run 'meshintercept disable --netns {netns.ref}'.")
             if isinstance(failure, MeshInterceptError):
                 failure.message += note
+
+    # --- another build's objects ----------------------------------------------------------
+    def upgrade(self, grace: Optional[float] = None) -> dict:
+        """Take the node over from what an earlier build left (eBPF: pinned programs of another
+        layout), with every namespace intercepted throughout; {"modes": {mode: report}} with a
+        report for each mode that had something to take over. Idempotent."""
+        require_root("upgrade")
+        out = {}
+        with self._store.locked():
+            for mode in registry.names():
+                try:
+                    cls = registry.load(mode)
+                except MeshInterceptError:
+                    continue
+                if cls.unavailable_reason():
+                    continue
+                report = self._take_over_report(mode, grace)
+                if report is not None:
+                    out[mode] = report
+        return {"modes": out}
+
+    def _take_over_report(self, mode: str, grace: Optional[float]) -> Optional[dict]:
+        """With the store locked: move ``mode``'s namespaces off superseded objects; None when
+        there are none. Records of moved namespaces get their new extra; records of namespaces
+        that no longer exist are dropped (the old objects go with them)."""
+        backend = self.backend(mode)
+        old = backend.superseded()
+        if not old:
+            return None
+        records = self.records(mode)
+        report = backend.take_over([(r, self.live_netns(r)) for r in records], grace)
+        for record in records:
+            if record.key in report["moved"]:
+                record.extra = report["moved"][record.key]
+                self._store.put(record)
+            elif record.key in report["gone"]:
+                self._store.delete(record.key)
+        report["superseded"] = old
+        return report
+
+    def _take_over(self, mode: str) -> List[str]:
+        """Before a change to ``mode``: take over from an earlier build first, so one build owns
+        the node; returns notes for the result's warnings."""
+        report = self._take_over_report(mode, None)
+        if report is None:
+            return []
+        notes = [f"took the node over from layout {', '.join(report['superseded'])}: "
+                 f"{len(report['moved'])} namespaces moved, old programs removed" if not report["unknown"]
+                 and not report["failed"] else
+                 f"layout {', '.join(report['superseded'])} of an earlier build stays beside this build's: "
+                 f"{_held_back(report)}; see 'meshintercept upgrade'"]
+        return notes
 
     # --- records ------------------------------------------------------------------------
     def records(self, mode: Optional[str] = None) -> List[NamespaceRecord]:
@@ -133,6 +195,8 @@ class Manager:
         require_root("disable")
         with self._store.locked():
             record, netns = self.lookup(ns_ref)
+            if record is not None and self._take_over(record.mode):
+                record = self._store.get(record.key)
             if record is None:
                 if netns is None:
                     raise NamespaceNotFound(
@@ -149,6 +213,8 @@ class Manager:
         require_root("disable")
         with self._store.locked():
             record = self._store.get(key)
+            if record is not None and self._take_over(record.mode):
+                record = self._store.get(key)
             if record is None:
                 return None
             if netns is None or netns.key != key:

@@ -87,13 +87,13 @@ def test_outbound_counters_and_the_sidecars_view_agree(node):
     assert live["counters"]["origdst_answers"] == 1
 
 
-def test_a_pin_dir_of_another_layout_is_refused_not_misread(node):
+def test_a_layout_dir_that_is_not_a_node_is_refused_not_misread(node):
     pod = node.add_pod("a")
     from meshintercept.backends.ebpf.loader import ensure_bpffs
 
     ensure_bpffs(node.node.pin_dir)
     os.makedirs(os.path.join(node.node.pin_dir, "v0"))
-    with pytest.raises(Conflict, match="another meshintercept build"):
+    with pytest.raises(Conflict, match="not a meshintercept node layout"):
         Manager(node.node).enable(pod.netns.name, "ebpf", InterceptSpec())
     os.rmdir(os.path.join(node.node.pin_dir, "v0"))
 

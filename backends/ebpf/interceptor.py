@@ -12,7 +12,7 @@ slip between the scan and the sockops callback) and disable deletes it first.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import types as T
 from meshintercept.errors import UsageError
@@ -67,7 +67,6 @@ class EbpfInterceptor(Interceptor):
 
     def _loaded_pins(self, warnings: List[str]) -> NodePins:
         pins = self.pins()
-        pins.check_layout()
         if not pins.loaded():
             from . import loader
 
@@ -301,6 +300,29 @@ class EbpfInterceptor(Interceptor):
                 out[record.key] = self._live(record, netns, pins, configs.get(cookie), totals.get(cookie),
                                              lambda ns, rec: self._tc_state(ns, rec, cheap=True))
         return out
+
+    # --- another build's layout ----------------------------------------------------------
+    def superseded(self) -> List[str]:
+        from . import upgrade
+
+        return upgrade.superseded(self.node.pin_dir)
+
+    def take_over(self, namespaces: List[Tuple[NamespaceRecord, Optional[Netns]]],
+                  grace: Optional[float] = None) -> dict:
+        """Move every namespace from the layouts of other builds into this build's (upgrade.py)."""
+        from . import loader, upgrade
+
+        warnings: List[str] = []
+        self._loaded_pins(warnings).close()
+        live = [(r, ns) for r, ns in namespaces if ns is not None]
+        by_key = {r.key: ns for r, ns in live}
+        report = upgrade.take_over(self.node.pin_dir, [r for r, _ in live],
+                                   lambda r: self.enable(by_key[r.key], r.spec, previous=r),
+                                   loader.remove_layout,
+                                   upgrade.DEFAULT_GRACE_SECONDS if grace is None else grace)
+        report["gone"] = [r.key for r, ns in namespaces if ns is None]
+        report["warnings"] = warnings
+        return report
 
     # --- node -------------------------------------------------------------------------
     def teardown(self) -> List[str]:

@@ -159,10 +159,12 @@ def load(node: Node) -> List[str]:
     """
     if os.geteuid() != 0:
         raise NotPermitted("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN); run as root.")
+    from . import upgrade
+
     pins = NodePins(node.pin_dir)
-    pins.check_layout()
     if pins.loaded():
         return []
+    upgrade.check(node.pin_dir)  # another build's layout may stay beside ours; junk may not
     ensure_bpffs(node.pin_dir)
     os.makedirs(node.pin_dir, exist_ok=True)
     cgroup_fd = open_cgroup(node.cgroup)
@@ -224,6 +226,11 @@ def load(node: Node) -> List[str]:
 
 
 # --- unload ------------------------------------------------------------------------------
+def remove_layout(path: str) -> List[str]:
+    """Detach and unpin one layout dir (this build's or another's)."""
+    return _remove_dir(path)
+
+
 def _remove_dir(path: str) -> List[str]:
     """Detach links, detach sk_msg, unpin everything in one layout dir, remove it."""
     removed: List[str] = []

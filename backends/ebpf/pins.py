@@ -15,7 +15,8 @@ Layout under the node's pin directory (bpffs):
     <pin_dir>/v<LAYOUT>/link_tcx_...  a pod interface's tcx links (tc inbound path, opt-in)
 
 The layout version is in the directory name and in every kernel map name (``mi3_*``), so a
-node loaded by a build with another layout is recognised, never misread.
+node loaded by a build with another layout is recognised, never misread: this build loads
+its own set beside it and moves the namespaces over (upgrade.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Dict, List, Optional
 
 from . import types as T
 from . import bpfsys, uapi
-from meshintercept.errors import BackendFailure, Conflict
+from meshintercept.errors import BackendFailure
 
 LAYOUT_DIR = f"v{T.LAYOUT_VERSION}"
 LAYOUT_RE = re.compile(r"^v(\d+)$")
@@ -121,16 +122,6 @@ class NodePins:
 
     def loaded(self) -> bool:
         return os.path.exists(self.path("map", "config"))
-
-    def check_layout(self) -> None:
-        """Raise Conflict when the pin dir holds a node of another layout version."""
-        others = [d for d in layout_dirs(self.pin_dir) if d != LAYOUT_DIR]
-        if others:
-            raise Conflict(
-                f"{self.pin_dir} holds programs of another meshintercept build (layout {', '.join(others)}, "
-                f"this build uses {LAYOUT_DIR}); run 'meshintercept disable --all' with that build first, "
-                f"or use another --pin-dir."
-            )
 
     def fd(self, kind: str, name: str) -> int:
         key = f"{kind}_{name}"

@@ -468,12 +468,13 @@ class Pod(_Place):
 
     def start_sidecar(self, kind: str = "project", spec: Optional[InterceptSpec] = None, routes=None,
                       inbound_target: str = "127.0.0.1", timeout: float = 10.0,
-                      dns_hosts: Optional[Dict[str, str]] = None):
+                      dns_hosts: Optional[Dict[str, str]] = None, bind: str = ""):
         """Start a transparent sidecar (`meshintercept.lab.sidecars.KINDS`) as spec.proxy_uid; waits
-        until it listens. ``dns_hosts`` (name -> address) turns the project sidecar's DNS forwarder on."""
+        until it listens. ``dns_hosts`` (name -> address) turns the project sidecar's DNS forwarder on;
+        ``bind`` is the project sidecar's listen address (default: [::], dual-stack)."""
         from meshintercept.lab.sidecars import start_sidecar
 
-        sidecar = start_sidecar(self, kind, spec, routes, inbound_target, timeout, dns_hosts)
+        sidecar = start_sidecar(self, kind, spec, routes, inbound_target, timeout, dns_hosts, bind)
         self.sidecars.append(sidecar)
         return sidecar
 

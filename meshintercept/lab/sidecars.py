@@ -283,7 +283,7 @@ def _hosts_file(path: str, hosts: Dict[str, str]) -> str:
 
 def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpec] = None,
                   routes: Optional[Routes] = None, inbound_target: str = "127.0.0.1",
-                  timeout: float = 10.0, dns_hosts: Optional[Dict[str, str]] = None) -> Sidecar:
+                  timeout: float = 10.0, dns_hosts: Optional[Dict[str, str]] = None, bind: str = "") -> Sidecar:
     if kind not in KINDS:
         raise ValueError(f"unknown sidecar kind {kind!r}; use one of {', '.join(KINDS)}")
     spec = spec or InterceptSpec()
@@ -295,6 +295,8 @@ def start_sidecar(pod: "Pod", kind: str = "project", spec: Optional[InterceptSpe
             argv = pod.cluster.unprivileged_argv(
                 "sidecar", "--outbound-port", str(spec.outbound_port), "--inbound-port", str(spec.inbound_port),
                 "--inbound-target", inbound_target, "--log", log_path)
+            if bind:
+                argv += ["--bind", bind]
             for vip, backends in (routes or {}).items():
                 argv += ["--route", f"{vip}={','.join(backends)}"]
             # Opened here so the file exists (and is ours) before the sidecar drops to the proxy UID.
