@@ -26,68 +26,17 @@ pytestmark = [pytest.mark.ebpf, pytest.mark.root]
 SIDECAR_NAME, SIDECAR_ADDR = "only-the-sidecar.test", "10.231.88.8"
 SERVER_NAME, SERVER_ADDR = "only-the-server.test", "10.231.99.9"
 
-#: Runs in the client pod as the app (stdlib only): queries of every kind, each from a fresh
-#: socket, checked one by one (id, answer, the reply's source as the socket saw it, unformatted).
-#: With --hold N it instead opens N TCP connections to the server's port 53, says so on stdout,
+#: Runs in the client pod as the app, next to the lab's apps.py (stdlib only): queries of every
+#: kind, each from a fresh socket (apps.dns_query), counted by answer and by the reply's source.
+#: With "hold": N it instead opens N TCP connections to the server's port 53, says so on stdout,
 #: and keeps them until stdin closes.
 QUERIES = r'''
-import json, random, socket, struct, sys
-
-def query(name):
-    qid = random.randrange(65536)
-    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-    return qid, struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", 1, 1)
-
-def answer(reply, qid):
-    rid, _flags, qd, an = struct.unpack("!HHHH", reply[:8])
-    assert rid == qid, (rid, qid)
-    i = 12
-    while reply[i]:
-        i += 1 + reply[i]
-    i += 5
-    out = []
-    for _ in range(an):
-        i += 2 if reply[i] & 0xC0 else len(reply[i:].split(b"\0", 1)[0]) + 1
-        rtype, _c, _ttl, rdlen = struct.unpack("!HHIH", reply[i:i + 10])
-        if rtype == 1:
-            out.append(socket.inet_ntoa(reply[i + 10:i + 14]))
-        i += 10 + rdlen
-    return out
-
-def recv_exactly(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return buf
-
-def one(server, kind, name):
-    family = socket.AF_INET6 if ":" in server else socket.AF_INET
-    qid, msg = query(name)
-    sock = socket.socket(family, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
-    sock.settimeout(5)
-    try:
-        if kind == "tcp":
-            sock.connect((server, 53))
-            sock.sendall(struct.pack("!H", len(msg)) + msg)
-            reply = recv_exactly(sock, struct.unpack("!H", recv_exactly(sock, 2))[0])
-            peer = sock.getpeername()
-        else:
-            if kind == "udp":
-                sock.connect((server, 53))
-                sock.send(msg)
-            else:
-                sock.sendto(msg, (server, 53))
-            reply, peer = sock.recvfrom(65535)
-        return answer(reply, qid), "%s|%d" % (peer[0], peer[1])
-    finally:
-        sock.close()
+import json, os, socket, sys
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin"))
+import apps
 
 args = json.loads(sys.argv[1])
 if args.get("hold"):
-    family = socket.AF_INET6 if ":" in args["server"] else socket.AF_INET
     held = [socket.create_connection((args["server"], 53), timeout=5) for _ in range(args["hold"])]
     print("held", flush=True)
     sys.stdin.read()
@@ -96,16 +45,30 @@ results = {"answers": {}, "peers": {}, "errors": []}
 for i in range(args["count"]):
     kind = args["kinds"][i % len(args["kinds"])]
     name = args["names"][i % len(args["names"])]
-    try:
-        got, peer = one(args["server"], kind, name)
-    except Exception as exc:
-        results["errors"].append("%s %s: %r" % (kind, name, exc))
+    got = apps.dns_query(args["server"], 53, name, transport=kind.split("-")[0], connected=kind != "udp-unconnected")
+    if not got["ok"]:
+        results["errors"].append("%s %s: %s" % (kind, name, got))
         continue
-    key = "%s %s" % (kind, name)
-    results["answers"].setdefault(key, {})
-    results["answers"][key][",".join(got)] = results["answers"][key].get(",".join(got), 0) + 1
-    results["peers"][peer] = results["peers"].get(peer, 0) + 1
+    answers = results["answers"].setdefault("%s %s" % (kind, name), {})
+    answers[",".join(got["addresses"])] = answers.get(",".join(got["addresses"]), 0) + 1
+    results["peers"][got["from"]] = results["peers"].get(got["from"], 0) + 1
 print(json.dumps(results))
+'''
+
+#: Runs in the client pod as the app: one unconnected socket asks the server (captured), then
+#: the sidecar's DNS port itself; prints the source of each reply.
+REUSE = r'''
+import json, socket, struct, sys
+server, name = sys.argv[1], sys.argv[2]
+labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+query = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+peers = []
+for to in ((server, 53), ("127.0.0.1", 15053)):
+    s.sendto(query, to)
+    peers.append(list(s.recvfrom(65535)[1]))
+print(json.dumps(peers))
 '''
 
 #: Runs in the client pod as the proxy UID: the DNS sidecar's question for a client address
@@ -135,7 +98,7 @@ def world(test_prefix):
         server.start_dns_server({SERVER_NAME: SERVER_ADDR})
         sidecar = client.start_sidecar("project", spec=InterceptSpec(), dns_hosts={SIDECAR_NAME: SIDECAR_ADDR})
         scripts = {}
-        for name, text in (("queries", QUERIES), ("ask", ASK)):
+        for name, text in (("queries", QUERIES), ("ask", ASK), ("reuse", REUSE)):
             scripts[name] = os.path.join(cluster.workdir, f"dns-{name}.py")
             with open(scripts[name], "w") as f:
                 f.write(text)
@@ -196,8 +159,8 @@ def test_v4_mapped_servers_from_af_inet6_sockets_are_captured_and_answered_from_
     out = run_queries(world, mapped, 6)
     assert out["errors"] == [], out
     assert out["answers"] == {f"{k} {SIDECAR_NAME}": {SIDECAR_ADDR: 2} for k in KINDS}, out
-    # recvfrom/getpeername on an AF_INET6 socket: the server as the socket dialled it, mapped
-    assert out["peers"] == {f"{mapped}|53": 6}, out
+    # recvfrom/getpeername on the AF_INET6 sockets: the server asked (the lab writes v4-mapped as IPv4)
+    assert out["peers"] == {server.endpoint(53, "v4mapped"): 6}, out
 
 
 def test_v4_mapped_forwarded_queries_reach_the_server_asked(world):
@@ -223,7 +186,7 @@ def test_thousands_of_queries_from_fresh_sockets_leave_every_map_as_it_was(world
     n = 3000
     out = run_queries(world, server.address(via), n, names=(SIDECAR_NAME, SERVER_NAME))
     assert out["errors"] == [], out["errors"][:5]
-    assert out["peers"] == {f"{server.address(via)}|53": n}, out["peers"]
+    assert out["peers"] == {server.endpoint(53, via): n}, out["peers"]
     per = n // 6
     assert out["answers"] == {**{f"{k} {SIDECAR_NAME}": {SIDECAR_ADDR: per} for k in KINDS},
                               **{f"{k} {SERVER_NAME}": {SERVER_ADDR: per} for k in KINDS}}, out["answers"]
@@ -291,21 +254,7 @@ def test_a_socket_that_asks_the_sidecar_itself_is_not_shown_another_source(world
     enable(client)
     direct = client.dns("127.0.0.1", SIDECAR_NAME, port=15053)
     assert direct["addresses"] == [SIDECAR_ADDR] and direct["from"] == "127.0.0.1:15053", direct
-    script = os.path.join(os.path.dirname(scripts["queries"]), "dns-reuse.py")
-    with open(script, "w") as f:
-        f.write(QUERIES.split("args = json.loads")[0] + r'''
-qid, msg = query("%s")
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(5)
-s.sendto(msg, ("%s", 53))
-first = s.recvfrom(65535)[1]
-qid, msg = query("%s")
-s.sendto(msg, ("127.0.0.1", 15053))
-second = s.recvfrom(65535)[1]
-print(json.dumps([list(first), list(second)]))
-''' % (SIDECAR_NAME, server.ip, SIDECAR_NAME))
-    os.chmod(script, 0o644)
-    proc = client.run([BASE_PYTHON, "-S", "-E", script], uid=APP_UID, timeout=30)
+    proc = client.run([BASE_PYTHON, "-S", "-E", scripts["reuse"], server.ip, SIDECAR_NAME], uid=APP_UID, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [[server.ip, 53], ["127.0.0.1", 15053]]
 
