@@ -222,14 +222,23 @@ def test_agent_shim_without_agent(dirs, tmp_path):
 
 
 @pytest.mark.root
-def test_agent_shim_enters_the_agent_mount_namespace(dirs, tmp_path):
+@pytest.mark.parametrize("python", ["host's", "agent's own"])
+def test_agent_shim_enters_the_agent_mount_namespace(dirs, tmp_path, python):
     """The shim runs the plugin inside the mount namespace of the process named in the pid
     file. Here the 'agent' is a process in a private mount namespace where a tmpfs hides a
-    marker file the host can see: the plugin's log, written inside, proves where it ran."""
+    marker file the host can see: the plugin's log, written inside, proves where it ran.
+    "agent's own": the interpreter is a symlink to an absolute path that exists only in the
+    agent's view, as a venv's python is on a host without Python."""
     inside = tmp_path / "agent-view"
     inside.mkdir()
+    interpreter = sys.executable
+    setup = f"mount -t tmpfs none {inside}"
+    if python == "agent's own":
+        interpreter = f"{inside}/venv-python"
+        setup += (f" && printf '#!/bin/sh\\nexec {sys.executable} \"$@\"\\n' > {inside}/python3"
+                  f" && chmod +x {inside}/python3 && ln -s {inside}/python3 {interpreter}")
     agent = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                              f"mount -t tmpfs none {inside} && touch {inside}/ready && exec sleep 60"])
+                              f"{setup} && touch {inside}/ready && exec sleep 60"])
     try:
         for _ in range(200):
             if os.path.exists(f"/proc/{agent.pid}/root{inside}/ready"):
@@ -238,7 +247,7 @@ def test_agent_shim_enters_the_agent_mount_namespace(dirs, tmp_path):
         pidfile = tmp_path / "agent.pid"
         pidfile.write_text(str(agent.pid))
         shim = tmp_path / "shim"
-        shim.write_text(install.shim_text("agent", python=sys.executable, pidfile=str(pidfile)))
+        shim.write_text(install.shim_text("agent", python=interpreter, pidfile=str(pidfile)))
         shim.chmod(0o755)
         log = f"{inside}/plugin.log"
         proc = subprocess.run([str(shim)], input=b'{"cniVersion": "1.0.0"}', capture_output=True,

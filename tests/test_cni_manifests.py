@@ -121,9 +121,12 @@ def test_readiness_probe_is_a_real_command(agent):
 def test_dockerfile_installs_what_the_code_needs():
     with open(os.path.join(DEPLOY, "Dockerfile")) as f:
         text = f.read()
-    assert re.search(r"^FROM debian:12", text, re.M)
-    for package in ("python3-bpfcc", "iproute2", "iptables", "util-linux", "python3-venv"):
-        assert re.search(rf"\b{package}\b", text), package  # util-linux: nsenter for the agent shim
+    # Debian 12 by default; BASE names a locally imported one where no registry is reachable.
+    assert re.search(r"^ARG BASE=debian:12", text, re.M) and re.search(r"^FROM \$\{BASE\}$", text, re.M)
+    # util-linux: nsenter for the agent shim; nftables: the nft the iptables backend's probe runs
+    for package in ("python3-bpfcc", "python3-iptables", "iproute2", "iptables", "nftables", "util-linux",
+                    "python3-venv"):
+        assert re.search(rf"\b{package}\b", text), package
     venv = re.search(r"python3 -m venv --system-site-packages (\S+)", text).group(1)
     assert f"{venv}/bin/pip install" in text and f"PATH={venv}/bin:" in text
     entry = re.search(r'^ENTRYPOINT \["([^"]+)"\]', text, re.M).group(1)
@@ -206,7 +209,8 @@ def test_entrypoint_installs_keeps_on_stop_and_uninstalls_only_when_asked(tmp_pa
 
     _wait_for(agent, installed, "install")
     assert pidfile.read_text().strip() == str(agent.pid)
-    assert "(agent)" in (bin_dir / "meshintercept-cni").read_text()
+    shim = (bin_dir / "meshintercept-cni").read_text()
+    assert "(agent)" in shim and str(pidfile) in shim  # the shim looks where the agent writes
     conflist.write_text(ORIGINAL)  # the primary CNI rewrites its config
     _wait_for(agent, installed, "re-install")
     out = _stop(agent)

@@ -21,7 +21,7 @@ from meshintercept.interceptor import Check
 from meshintercept.node import Node
 from meshintercept.state import NamespaceRecord
 
-from .pins import CGROUP_LINKS, PROGRAMS, NodePins
+from .pins import CGROUP_LINKS, OPTIONAL_PROGRAMS, PROGRAMS, NodePins
 
 
 def _try(name: str, fn, fix: str, warning: bool = False) -> Check:
@@ -98,6 +98,28 @@ class _Throwaway:
             pass
 
 
+def _load_check(bpf, name: str, fds: dict, loader, warning: bool) -> Check:
+    """Load one program; a refusal is explained from the verifier's log (verifier.explain)."""
+    from .verifier import ProgramRefused
+
+    title = f"program {name} loads"
+    try:
+        loaded = loader.load_program(bpf, name)
+    except ProgramRefused as exc:
+        refusal = exc.refusal
+        fix = refusal.remedy()
+        if warning and refusal.missing:
+            fix = "acceleration is unavailable on this kernel; run without --accelerate"
+        return Check(title, False, refusal.cause(), fix, warning=warning)
+    except Exception as exc:  # noqa: BLE001 - a doctor reports, it never raises
+        return Check(title, False, getattr(exc, "message", None) or str(exc),
+                     "report it with the output of 'meshintercept doctor --json'", warning=warning)
+    fds[name] = loaded.fd
+    if loaded.insns is None:
+        return Check(title, True, "loaded")
+    return Check(title, True, f"loaded; the verifier processed {loaded.insns} instructions")
+
+
 def _programs(node: Node) -> List[Check]:
     """Compile once; each program type must load, cgroup ones attach in a throwaway cgroup."""
     from . import loader
@@ -112,11 +134,7 @@ def _programs(node: Node) -> List[Check]:
     fds = {}
     try:
         for name in PROGRAMS:
-            check = _try(f"program {name} loads", lambda n=name: fds.__setitem__(n, loader.load_program(bpf, n)),
-                         "the kernel lacks this program type or helper; use a kernel >= 5.10 with "
-                         "CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, CONFIG_NET_CLS_BPF",
-                         warning=name == "msg_redirect")
-            checks.append(check)
+            checks.append(_load_check(bpf, name, fds, loader, warning=name in OPTIONAL_PROGRAMS))
         with _Throwaway(node.cgroup) as cgroup:
             cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
             try:

@@ -94,7 +94,7 @@ class EbpfInterceptor(Interceptor):
             cfg = T.config_from_spec(spec, accelerate=accelerate, families=captured)
             pod_ips = [p for p in found.pod_ips() if ("ipv6" if ":" in p["ip"] else "ipv4") in captured]
             if spec.inbound_path == T.INBOUND_TC:
-                path = self._enable_tc(pins, netns, cookie, cfg, pod_ips, previous)
+                path = self._enable_tc(pins, netns, cookie, cfg, pod_ips, previous, warnings)
             else:
                 path = self._enable_lookup(pins, netns, cookie, cfg, spec, pod_ips, previous)
         return {
@@ -110,7 +110,7 @@ class EbpfInterceptor(Interceptor):
         }
 
     def _enable_tc(self, pins: NodePins, netns: Netns, cookie: int, cfg: T.Config, pod_ips: List[dict],
-                   previous: Optional[NamespaceRecord]) -> dict:
+                   previous: Optional[NamespaceRecord], warnings: List[str]) -> dict:
         from . import lookup, tc
 
         prev_tc = (previous.extra.get("tc") if previous else None) or []
@@ -119,6 +119,9 @@ class EbpfInterceptor(Interceptor):
         if self.node.tc_attach == "tcx":  # opt-in: see tc.py on its cost
             attached = tc.attach_tcx(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), pins.dir, cookie,
                                      prev_tc)
+            if attached is None:
+                warnings.append(f"--tc-attach tcx: this kernel ({os.uname().release}) has no tcx links (first in "
+                                "Linux 6.6); the tc programs are attached as clsact filters.")
         if attached is None:
             attached = tc.attach(netns, pins.prog("tc_ingress"), pins.prog("tc_egress"), prev_tc)
         try:

@@ -24,6 +24,7 @@ from . import bpfsys, kheaders
 from meshintercept.errors import BackendFailure, EnvironmentMissing, NotPermitted
 from meshintercept.node import Node
 
+from . import verifier
 from .pins import CGROUP_LINKS, LAYOUT_DIR, LAYOUT_RE, LOADING_RE, MAPS, OPTIONAL_PROGRAMS, PROGRAMS, NodePins
 
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -144,12 +145,10 @@ def _map_fd(bpf, kernel_name: str) -> int:
     return fd
 
 
-def load_program(bpf, pin_name: str) -> int:
+def load_program(bpf, pin_name: str) -> verifier.Loaded:
+    """Load one program; a refusal raises verifier.ProgramRefused saying why (never a bare errno)."""
     func, prog_type, attach_type = PROGRAMS[pin_name]
-    try:
-        return bpf.load_func(func.encode(), prog_type, attach_type=attach_type).fd
-    except Exception as exc:
-        raise BackendFailure(f"the kernel refused program {func} ({exc}); run 'meshintercept doctor'.") from exc
+    return verifier.load(bpf, pin_name, func, prog_type, attach_type)
 
 
 def load(node: Node) -> List[str]:
@@ -176,13 +175,19 @@ def load(node: Node) -> List[str]:
     try:
         bpf = compile_programs()
         prog_fds = {}
+        refused = []
+        # Every program is tried before anything is pinned, so a kernel that lacks a feature
+        # is told all of it at once and keeps nothing of ours.
         for name in PROGRAMS:
             try:
-                prog_fds[name] = load_program(bpf, name)
-            except BackendFailure as exc:
-                if name not in OPTIONAL_PROGRAMS:
-                    raise
-                warnings.append(f"acceleration unavailable: {exc.message}")
+                prog_fds[name] = load_program(bpf, name).fd
+            except verifier.ProgramRefused as exc:
+                if name in OPTIONAL_PROGRAMS:
+                    warnings.append(f"acceleration unavailable: {exc.refusal.cause()}")
+                else:
+                    refused.append(exc.refusal)
+        if refused:
+            raise verifier.summarize(refused)
         for name, (kernel_name, *_types) in MAPS.items():
             bpfsys.obj_pin(_map_fd(bpf, kernel_name), os.path.join(tmp, f"map_{name}"))
         for name, fd in prog_fds.items():

@@ -22,6 +22,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
@@ -130,6 +131,13 @@ class LinkCreateAttr(ct.Structure):
     _fields_ = [("prog_fd", u32), ("target", u32), ("attach_type", u32), ("flags", u32)]
 
 
+class ProgLoadAttr(ct.Structure):
+    """BPF_PROG_LOAD, up to expected_attach_type (the verifier's probes)."""
+    _fields_ = [("prog_type", u32), ("insn_cnt", u32), ("insns", u64), ("license", u64), ("log_level", u32),
+                ("log_size", u32), ("log_buf", u64), ("kern_version", u32), ("prog_flags", u32),
+                ("prog_name", ct.c_char * OBJ_NAME_LEN), ("prog_ifindex", u32), ("expected_attach_type", u32)]
+
+
 class LinkDetachAttr(ct.Structure):
     """BPF_LINK_DETACH."""
     _fields_ = [("link_fd", u32)]
@@ -177,6 +185,7 @@ C_LAYOUT = {
     LinkCreateAttr: ("union bpf_attr", {"prog_fd": "link_create.prog_fd", "target": "link_create.target_fd",
                                         "attach_type": "link_create.attach_type", "flags": "link_create.flags"}),
     LinkDetachAttr: ("union bpf_attr", {"link_fd": "link_detach.link_fd"}),
+    ProgLoadAttr: ("union bpf_attr", {f: f for f, _ in ProgLoadAttr._fields_}),
     MapInfo: ("struct bpf_map_info", {f: f for f, _ in MapInfo._fields_}),
     ProgInfo: ("struct bpf_prog_info", {f: f for f, _ in ProgInfo._fields_ if f != "gpl_compatible"}),
     LinkInfo: ("struct bpf_link_info", {"type": "type", "id": "id", "prog_id": "prog_id",

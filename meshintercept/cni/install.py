@@ -52,6 +52,11 @@ def default_bin_dir() -> str:
     return os.environ.get("MESHINTERCEPT_CNI_BIN_DIR") or DEFAULT_BIN_DIR
 
 
+def default_agent_pidfile() -> str:
+    """Where the agent shim looks for the agent: the entrypoint writes the same variable."""
+    return os.environ.get("MESHINTERCEPT_AGENT_PIDFILE") or AGENT_PIDFILE
+
+
 def is_ours(value) -> bool:
     return isinstance(value, dict) and value.get("type") == PLUGIN_TYPE
 
@@ -97,7 +102,9 @@ def shim_text(kind: str, python: Optional[str] = None, pidfile: str = AGENT_PIDF
     versions = json.dumps(list(protocol.SUPPORTED_VERSIONS), separators=(",", ":"))
     return head + f"""\
 pid=$(cat {shlex.quote(pidfile)} 2>/dev/null)
-if [ -n "$pid" ] && [ -x "/proc/$pid/root{python}" ]; then
+# -L too: a venv's python is a symlink to an absolute path, which resolves against the host's
+# root, not the agent's, and the host may have no Python at all.
+if [ -n "$pid" ] && {{ [ -x "/proc/$pid/root{python}" ] || [ -L "/proc/$pid/root{python}" ]; }}; then
     exec nsenter --target "$pid" --mount -- {run} "$@"
 fi
 # The node agent is not running: nothing of ours is live to remove, and a pod must not start
@@ -191,7 +198,7 @@ def _edit_conflist(path: str, text: str, block: dict) -> Optional[str]:
 
 def install(conf_dir: str, bin_dir: str, block: dict, shim: str = "local", python: Optional[str] = None,
             kubeconfig_from_serviceaccount: bool = False, force: bool = False,
-            sa_dir: str = SERVICEACCOUNT_DIR) -> dict:
+            sa_dir: str = SERVICEACCOUNT_DIR, pidfile: Optional[str] = None) -> dict:
     """Idempotent: a second run with the same arguments changes nothing."""
     if shim not in SHIMS:
         raise UsageError(f"shim {shim!r} is not one of {', '.join(SHIMS)}.")
@@ -209,7 +216,7 @@ def install(conf_dir: str, bin_dir: str, block: dict, shim: str = "local", pytho
         block.setdefault("kubeconfig", path)
         changes += [change] if change else []
     block = validate_block(block, doc.get("cniVersion", ""), doc.get("name", ""))
-    change = _install_shim(bin_dir, shim_text(shim, python), force)
+    change = _install_shim(bin_dir, shim_text(shim, python, pidfile or default_agent_pidfile()), force)
     changes += [change] if change else []
     if is_list:
         try:

@@ -54,6 +54,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from meshintercept.netns import NETNS_RUN_DIR, Netns, run_forked, setns_path
 from meshintercept.node import STATE_ROOT, Node, default_cgroup, mounts
 from meshintercept.spec import InterceptSpec
+from meshintercept.lab import pace
 
 ENV_PREFIX = "MESHINTERCEPT_TEST_PREFIX"
 DEFAULT_PREFIX = "mi-t"
@@ -300,6 +301,7 @@ class _Place:
     def wait_listening(self, process: subprocess.Popen, ports: Iterable[int], timeout: float = 10.0) -> None:
         """Block until `process` is alive and all `ports` listen in this namespace."""
         ports = set(ports)
+        timeout = pace.scaled(timeout)  # starting an interpreter is work: slower under emulation
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
@@ -435,6 +437,9 @@ class Pod(_Place):
     def connect_many(self, ip_addr: str, port: int, count: int = 100, parallel: int = 20, timeout: float = 10.0,
                      uid: int = APP_UID) -> dict:
         """`count` connections, `parallel` at a time: {"ok", "failed", "errors", "greetings": {pod: n}}."""
+        # In a batch a connection waits behind the batch's own work (`parallel` in flight), so its
+        # timeout bounds work too, like the whole batch's 4x: both longer under emulation.
+        timeout = pace.scaled(timeout)
         return self._client(["many", "--host", ip_addr, "--port", str(port), "--count", str(count),
                              "--parallel", str(parallel), "--timeout", str(timeout)], uid, timeout * 4)
 

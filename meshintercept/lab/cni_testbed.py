@@ -73,9 +73,10 @@ def bridge_conflist(bridge: str, subnet: str, data_dir: str, version: str = "1.0
 
 class CniTestbed:
     def __init__(self, cluster: TestCluster, mode: str = "iptables", node: int = 0, subnet: str = DEFAULT_SUBNET,
-                 block: Optional[dict] = None, subnet6: Optional[str] = None):
+                 block: Optional[dict] = None, subnet6: Optional[str] = None, install_plugin: bool = True):
         """``subnet6`` (e.g. fd00:231:96::/64) makes the network dual-stack: every pod gets one
-        address of each family from host-local."""
+        address of each family from host-local. ``install_plugin=False`` leaves the conf dir
+        with the bridge conflist alone, for an installer under test (the node agent image)."""
         self.cluster = cluster
         self.node: ClusterNode = cluster.nodes[node]
         self.subnet = ipaddress.ip_network(subnet)
@@ -96,9 +97,11 @@ class CniTestbed:
         n = self.node.node
         self.block = {"mode": mode, "cgroup": n.cgroup, "pin_dir": n.pin_dir, "state_dir": n.state_dir,
                       "log_file": self.log_file, **(block or {})}
-        self.install_result = install.install(self.conf_dir, self.bin_dir, self.block, shim="local",
-                                              python=sys.executable)
-        self.runtime = self.make_runtime()
+        self.install_result = self.runtime = None
+        if install_plugin:
+            self.install_result = install.install(self.conf_dir, self.bin_dir, self.block, shim="local",
+                                                  python=sys.executable)
+            self.runtime = self.make_runtime()
         self._next = 0
 
     def make_runtime(self, conflist: Optional[dict] = None) -> ChainRuntime:

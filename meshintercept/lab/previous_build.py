@@ -37,7 +37,7 @@ def _git(*args: str) -> str:
 
 def commit_with_layout(layout: int) -> str:
     """The newest commit whose eBPF layout version is ``layout``."""
-    if not os.path.exists(os.path.join(REPO, ".git")):  # a directory, or a file in a git worktree
+    if not os.path.exists(os.path.join(REPO, ".git")):  # a directory in a clone, a file in a worktree
         raise NoPreviousBuild(f"{REPO} is not a git clone")
     wanted = re.compile(rf"^LAYOUT_VERSION = {layout}$", re.M)
     for commit in _git("log", "--format=%H", "--", TYPES).split():
