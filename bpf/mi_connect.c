@@ -12,7 +12,8 @@
  * TCP, proxy UID -> a managed pod on this node that uses the tc inbound path (not its own):
  * keep the address, switch the port to that pod's IN port (same-node inbound). A pod on the
  * sk_lookup path steers its own inbound, so the proxy's connect is left alone.
- * UDP, app -> port 53 (libc's connected resolver socket): lib/dns.h mi_udp_query.
+ * UDP, app -> port 53 (libc's connected resolver socket): the same rules, the DNS port, the
+ * origin in the socket's storage (lib/dns.h mi_udp_is_query, mi_udp_save).
  * UDP, proxy UID: the DNS sidecar asking where a client's query was going (lib/dns.h
  * mi_dns_ask); the connect itself is never changed.
  *
@@ -21,14 +22,11 @@
 #include "lib/helpers.h"
 #include "lib/dns.h"
 
-static __always_inline int __mi_save_origin(struct bpf_sock_addr *ctx, const struct mi_addr *ip, __u16 port,
+static __always_inline int __mi_save_origin(struct bpf_sock *sk, const struct mi_addr *ip, __u16 port,
 					    __u64 key_netns, __u16 kind, __u16 redirect_port)
 {
-	struct bpf_sock *sk = ctx->sk;
 	struct mi_sock *s;
 
-	if (!sk)
-		return MI_E_NOMEM;
 	s = mi3_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!s)
 		return MI_E_NOMEM;
@@ -41,7 +39,7 @@ static __always_inline int __mi_save_origin(struct bpf_sock_addr *ctx, const str
 }
 
 /* Proxy UID: only a connection to another managed tc-path pod on this node is touched. */
-static __always_inline int __mi_same_node_inbound(struct bpf_sock_addr *ctx, __u64 netns, struct mi_event *ev)
+static __always_inline int __mi_same_node_inbound(struct bpf_sock *sk, __u64 netns, struct mi_event *ev)
 {
 	struct mi_pod *pod = mi3_podip.lookup(&ev->dst_ip);
 	struct mi_config *dcfg;
@@ -60,7 +58,7 @@ static __always_inline int __mi_same_node_inbound(struct bpf_sock_addr *ctx, __u
 		return MI_E_LOOKUP;
 	if (!mi_inbound_redirected(dcfg, ev->dst_port))
 		return MI_E_EXCLUDED;
-	ret = __mi_save_origin(ctx, &ev->dst_ip, ev->dst_port, dst_netns, MI_ORIG_INBOUND_LOCAL, dcfg->inbound_port);
+	ret = __mi_save_origin(sk, &ev->dst_ip, ev->dst_port, dst_netns, MI_ORIG_INBOUND_LOCAL, dcfg->inbound_port);
 	if (ret)
 		return ret;
 	MI_COUNT(dst_netns, inbound_same_node, 1);
@@ -70,27 +68,49 @@ static __always_inline int __mi_same_node_inbound(struct bpf_sock_addr *ctx, __u
 	return MI_OK;
 }
 
-/* TCP: decide for ev->dst_ip:dst_port; on MI_OK ev->new_ip:new_port is where the connect goes. */
-static __always_inline int __mi_connect(struct bpf_sock_addr *ctx, __u64 netns, const struct mi_config *cfg,
-					struct mi_event *ev)
+/*
+ * Decide for ev->dst_ip:dst_port, TCP and UDP alike; on MI_OK ev->new_ip:new_port is where the
+ * connect (or the datagram) goes. The shared rules (loopback, family, excluded ports and CIDRs)
+ * come once for both protocols, so the verifier walks their loops once per program.
+ */
+static __always_inline int __mi_decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u64 netns,
+				       const struct mi_config *cfg, struct mi_event *ev, int sending)
 {
+	/* sendmsg runs for UDP only: a constant there, so its TCP branches go at compile time */
+	int udp = sending || ev->proto == MI_IPPROTO_UDP;
 	__u16 kind = MI_ORIG_OUTBOUND, port = cfg->outbound_port;
 	int ret;
 
+	if (ev->uid == cfg->proxy_uid) {
+		if (!udp)
+			return mi_addr_is_loopback(&ev->dst_ip) ? MI_E_LOOPBACK : __mi_same_node_inbound(sk, netns, ev);
+		if (!sending)
+			return mi_dns_ask(ctx, sk, netns, cfg, ev);
+		return ev->dst_port == MI_DNS_PORT ? MI_E_PROXY : MI_QUIET;
+	}
+	if (udp) {
+		ret = mi_udp_is_query(sk, cfg, ev);
+		if (ret)
+			return ret;
+	}
 	if (mi_addr_is_loopback(&ev->dst_ip))
 		return MI_E_LOOPBACK;
-	if (ev->uid == cfg->proxy_uid)
-		return __mi_same_node_inbound(ctx, netns, ev);
 	ret = mi_dest_excluded(cfg, &ev->dst_ip, ev->dst_port);
 	if (ret)
 		return ret;
+	/* Read again, not kept from above: with nothing told apart by the protocol across the
+	 * exclusion loops, the verifier walks them once for TCP and UDP together. */
+	udp = sending || *(volatile __u16 *)&ev->proto == MI_IPPROTO_UDP;
 	/* DNS over TCP: the same exclusions, the DNS port instead of the outbound one (as the
 	 * iptables mode's MI_DNS jump comes before its TCP one). */
-	if ((cfg->flags & MI_CFG_DNS) && ev->dst_port == MI_DNS_PORT) {
+	if (udp || ((cfg->flags & MI_CFG_DNS) && ev->dst_port == MI_DNS_PORT)) {
 		kind |= MI_ORIG_DNS;
 		port = cfg->dns_port;
 	}
-	ret = __mi_save_origin(ctx, &ev->dst_ip, ev->dst_port, netns, kind, port);
+	if (udp)
+		ret = mi_udp_save(sk, netns, cfg, ev);
+	else
+		ret = __mi_save_origin(sk, &ev->dst_ip, ev->dst_port, netns, kind, port);
 	if (ret)
 		return ret;
 	if (kind & MI_ORIG_DNS) {
@@ -107,20 +127,9 @@ static __always_inline int __mi_connect(struct bpf_sock_addr *ctx, __u64 netns, 
 	return MI_OK;
 }
 
-/* Both protocols: UDP is DNS (an app's query, or the DNS sidecar's question), TCP the rest. */
-static __always_inline int mi_connect_decide(struct bpf_sock_addr *ctx, const struct mi_config *cfg,
-					     struct mi_event *ev)
-{
-	if (ev->proto == MI_IPPROTO_TCP)
-		return __mi_connect(ctx, ev->netns, cfg, ev);
-	if (ev->uid == cfg->proxy_uid)
-		return mi_dns_ask(ctx, ev->netns, cfg, ev);
-	return mi_udp_query(ctx, ev->netns, cfg, ev);
-}
-
 /*
  * The body of connect4/6 here and of sendmsg4/6 (mi_sendmsg.c: for DNS a sendto is a connect
- * for one datagram, decided by the same mi_udp_query). `v6` and `sending` are constants in
+ * for one datagram, decided by the same __mi_decide). `v6` and `sending` are constants in
  * each program, so each keeps only its own branch and context accesses.
  * The namespace not managed is the only cost for everything else.
  */
@@ -128,9 +137,16 @@ static __always_inline int mi_addr_hook(struct bpf_sock_addr *ctx, int v6, int s
 {
 	struct mi_event ev = {};
 	struct mi_config *cfg;
+	struct bpf_sock *sk;
 	int ret;
 
 	if (ctx->protocol != MI_IPPROTO_TCP && ctx->protocol != MI_IPPROTO_UDP)
+		return 1;
+	/* One load of ctx->sk: clang would otherwise merge the loads of several branches into
+	 * one through a computed context pointer, which the verifier refuses. */
+	sk = ctx->sk;
+	mi_barrier_var(sk);
+	if (!sk)
 		return 1;
 	ev.netns = bpf_get_netns_cookie(ctx);
 	cfg = mi3_config.lookup(&ev.netns);
@@ -143,7 +159,7 @@ static __always_inline int mi_addr_hook(struct bpf_sock_addr *ctx, int v6, int s
 		MI_ADDR_V6(&ev.dst_ip, ctx->user_ip6);
 	else
 		MI_ADDR_V4(&ev.dst_ip, ctx->user_ip4);
-	ret = sending ? mi_udp_query(ctx, ev.netns, cfg, &ev) : mi_connect_decide(ctx, cfg, &ev);
+	ret = __mi_decide(ctx, sk, ev.netns, cfg, &ev, sending);
 	/* The DNS sidecar's question only reads: its connect goes where it was going. */
 	if (ret == MI_OK && ev.kind != MI_EV_DNS_ASKED)
 		mi_ctx_set(ctx, v6, &ev.new_ip, ev.new_port);

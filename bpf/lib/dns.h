@@ -5,8 +5,9 @@
  *   connect4/6 (UDP: a connected resolver socket) and sendmsg4/6 (UDP: sendto on an unconnected
  *   one) send a query to port 53 of any address but loopback to the DNS port on 127.0.0.1 /
  *   [::1] (::ffff:127.0.0.1 for an AF_INET6 socket asking a v4-mapped server) and keep where
- *   it was going in the socket's own storage; TCP to port 53 goes the TCP path (mi_connect.c)
- *   to the DNS port instead of the outbound port.
+ *   it was going in the socket's own storage (mi_udp_is_query, mi_udp_save; the decision is
+ *   mi_connect.c's, shared with TCP); TCP to port 53 goes to the DNS port instead of the
+ *   outbound port.
  *   recvmsg4/6 and getpeername4/6 show the server the app asked wherever the kernel would show
  *   the sidecar (mi_dns_restore).
  *   connect4/6 of the sidecar's UDP socket to a client's address answers "where was this
@@ -42,20 +43,16 @@ static __always_inline int mi_sk_connected_to(struct bpf_sock *sk, const struct 
 }
 
 /*
- * A UDP query of the app (connect or sendto): decide; on MI_OK the socket remembers the
- * origin and ev->new_ip:new_port is where the query goes. UDP to other ports is MI_QUIET,
- * except that an app talking to the DNS port on loopback itself drops the mark of an earlier
- * capture: what it receives from there from now on is not a captured reply.
+ * UDP of the app (connect or sendto) before the rules every redirect shares: only a query to
+ * port 53 under --capture-dns goes on (MI_OK). UDP to other ports is MI_QUIET, except that an
+ * app talking to the DNS port on loopback itself drops the mark of an earlier capture: what it
+ * receives from there from now on is not a captured reply.
  */
-static __always_inline int mi_udp_query(struct bpf_sock_addr *ctx, __u64 netns, const struct mi_config *cfg,
-					struct mi_event *ev)
+static __always_inline int mi_udp_is_query(struct bpf_sock *sk, const struct mi_config *cfg,
+					   const struct mi_event *ev)
 {
-	struct bpf_sock *sk = ctx->sk;
 	struct mi_sock *s;
-	int ret;
 
-	if (!sk)
-		return MI_QUIET;
 	if (ev->dst_port != MI_DNS_PORT) {
 		if (ev->dst_port == cfg->dns_port && mi_addr_is_loopback(&ev->dst_ip) &&
 		    !mi_sk_connected_to(sk, &ev->dst_ip, ev->dst_port)) {
@@ -67,27 +64,26 @@ static __always_inline int mi_udp_query(struct bpf_sock_addr *ctx, __u64 netns, 
 	}
 	if (!(cfg->flags & MI_CFG_DNS))
 		return MI_E_NODNS;
-	if (mi_addr_is_loopback(&ev->dst_ip))
-		return MI_E_LOOPBACK;
-	if (ev->uid == cfg->proxy_uid)
-		return MI_E_PROXY;
-	ret = mi_dest_excluded(cfg, &ev->dst_ip, ev->dst_port);
-	if (ret)
-		return ret;
-	s = mi3_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	return MI_OK;
+}
+
+/*
+ * A captured UDP query: the socket remembers where it was going. One socket, one origin: the
+ * latest query's (an unconnected socket asking two servers at once sees both replies from the
+ * later one; resolvers use a socket per server).
+ */
+static __always_inline int mi_udp_save(struct bpf_sock *sk, __u64 netns, const struct mi_config *cfg,
+				       const struct mi_event *ev)
+{
+	struct mi_sock *s = mi3_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+
 	if (!s)
 		return MI_E_NOMEM;
-	/* One socket, one origin: the latest query's (an unconnected socket asking two servers at
-	 * once sees both replies from the later one; resolvers use a socket per server). */
 	s->orig_ip = ev->dst_ip;
 	s->orig_port = ev->dst_port;
 	s->redirect_port = cfg->dns_port;
 	s->key_netns = netns;
 	s->flags = MI_ORIG_DNS;
-	MI_COUNT(netns, dns_redirected, 1);
-	ev->kind = MI_EV_DNS;
-	mi_addr_localhost_like(&ev->new_ip, &ev->dst_ip);
-	ev->new_port = cfg->dns_port;
 	return MI_OK;
 }
 
@@ -100,8 +96,8 @@ static __always_inline int mi_udp_query(struct bpf_sock_addr *ctx, __u64 netns, 
  * getsockopt (mi_getsockopt.c). A connect that finds no captured query (the sidecar's
  * upstream queries, a client already gone) clears an earlier answer.
  */
-static __always_inline int mi_dns_ask(struct bpf_sock_addr *ctx, __u64 netns, const struct mi_config *cfg,
-				      struct mi_event *ev)
+static __always_inline int mi_dns_ask(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u64 netns,
+				      const struct mi_config *cfg, struct mi_event *ev)
 {
 	struct bpf_sock_tuple t = {};
 	struct mi_addr orig = {};
@@ -109,7 +105,7 @@ static __always_inline int mi_dns_ask(struct bpf_sock_addr *ctx, __u64 netns, co
 	struct mi_sock *s;
 	__u16 orig_port = 0;
 
-	if (!(cfg->flags & MI_CFG_DNS) || !ctx->sk)
+	if (!(cfg->flags & MI_CFG_DNS))
 		return MI_QUIET;
 	/* The tuple of a reply: from the DNS port on loopback to the client. */
 	if (mi_addr_is_v4(&ev->dst_ip)) {
@@ -137,12 +133,12 @@ static __always_inline int mi_dns_ask(struct bpf_sock_addr *ctx, __u64 netns, co
 		bpf_sk_release(app);
 	}
 	if (!orig_port) {
-		s = mi3_sock.sk_storage_get(ctx->sk, 0, 0);
+		s = mi3_sock.sk_storage_get(sk, 0, 0);
 		if (s)
 			s->flags &= ~MI_SOCK_DNS_ASKED;
 		return MI_QUIET;
 	}
-	s = mi3_sock.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	s = mi3_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!s)
 		return MI_E_NOMEM;
 	s->orig_ip = orig;
