@@ -71,6 +71,7 @@ def cmd_run(args) -> int:
     if removed:
         log(f"bench: swept {len(removed)} leftovers of earlier runs")
     modes = args.modes.split(",") if args.modes else None
+    placements = args.placements.split(",") if args.placements else None
     if "cli" in only:
         log("bench: CLI cold start")
         from bench import coldstart
@@ -82,7 +83,8 @@ def cmd_run(args) -> int:
         log(f"bench: data path, {rounds} round(s) of {seconds}s runs")
         with pods.BenchCluster(nodes=datapath.NODES) as cluster:
             res["datapath"] = datapath.run(cluster, rounds=rounds, seconds=seconds,
-                                           modes=modes or datapath.MODES, log=log)
+                                           modes=[m for m in (modes or datapath.MODES) if m in datapath.MODES],
+                                           placements=placements or datapath.PLACEMENTS, log=log)
         res["meta"]["load"]["after_datapath"] = loadavg()
     if "control" in only:
         from bench import control
@@ -91,7 +93,7 @@ def cmd_run(args) -> int:
         with pods.BenchCluster(nodes=1) as cluster:
             res["control"] = control.run(cluster, count=count, cli_every=cli_every,
                                          latency_seconds=1 if args.quick else 2, latency_reps=1 if args.quick else 3,
-                                         modes=[m for m in (modes or ["iptables", "ebpf"]) if m in ("iptables", "ebpf")],
+                                         modes=[m for m in (modes or control.MODES) if m in control.MODES],
                                          log=log)
     res["meta"]["load"]["after"] = loadavg()
     res["meta"]["finished"] = dt.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
@@ -138,6 +140,7 @@ def main(argv=None) -> int:
     r.add_argument("--cli-every", type=int, help="every Nth enable/disable goes through the CLI (default 100)")
     r.add_argument("--only", help=f"comma list of parts: {','.join(PARTS)}")
     r.add_argument("--modes", help="comma list of modes (default: all available)")
+    r.add_argument("--placements", help="data path: comma list of same-node, cross-node (default: both)")
     r.add_argument("--report", dest="report", action="store_true", default=None, help="rewrite docs after a quick run")
     r.add_argument("--no-report", dest="report", action="store_false", help="do not rewrite docs/benchmarks.md")
     r.set_defaults(fn=cmd_run)

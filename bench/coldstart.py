@@ -48,8 +48,9 @@ def _hyperfine(cmds: Dict[str, List[str]], runs: int, env: dict) -> Dict[str, Li
 
 
 ENABLE_PATH = ("import meshintercept.cli, meshintercept.manager; from meshintercept import registry; "
-               "registry.load('iptables'); registry.load('ebpf'); "
-               "from meshintercept.backends import iptables_table; iptables_table.load_iptc(); "
+               "registry.load('iptables'); registry.load('nftables'); registry.load('ebpf'); "
+               "from meshintercept.backends.iptables import iptc_compat; iptc_compat.load(); "
+               "from meshintercept.backends.nftables import lib; lib.preload(); "
                # what ebpf enable imports (pyroute2 no more: tc goes over raw rtnetlink)
                "from meshintercept.backends.ebpf import interceptor, maps, pins, tc, tcnl")
 

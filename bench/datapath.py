@@ -7,7 +7,7 @@ the order rotates every round): machine load drifting during the run hits all mo
 Node pairs (a pair = node A with the client and the same-node server, node B with the
 cross-node server; B is reached over the cluster's underlay):
 
-  plain  direct, explicit and iptables pods: no eBPF program is attached to these nodes
+  plain  direct, explicit, iptables and nftables pods: no eBPF program is attached to these nodes
   ebpf   ebpf pods;  accel  ebpf --accelerate pods (each pair has its own programs and maps)
 
 Every pod set is fresh (an iptables pod keeps its nat table, and conntrack with it, after
@@ -21,6 +21,7 @@ Modes:
               same proxies and hops as an intercepted mode, but no interception: the floor
   iptables    wrk -> server:80, REDIRECTed to 15001, the sidecar connects to server:80,
               REDIRECTed to 15003 in the server pod (SO_ORIGINAL_DST from conntrack)
+  nftables    the same path, redirected by the nftables mode's inet table instead
   ebpf        same path: outbound rewritten by connect4, inbound steered by sk_lookup (the default
               inbound path; SO_ORIGINAL_DST from our program)
   ebpf-tc     ebpf with --inbound-path tc (the seed's tc port rewrite on the pod interfaces)
@@ -43,16 +44,16 @@ from typing import Dict, List
 from bench import apps
 from meshintercept.spec import InterceptSpec
 
-MODES = ["direct", "explicit", "iptables", "ebpf", "ebpf-tc", "ebpf-accel"]
+MODES = ["direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-tc", "ebpf-accel"]
 PLACEMENTS = ["same-node", "cross-node"]
 TESTS = ["keepalive", "close", "bulk"]
-BACKEND = {"iptables": ("iptables", {}), "ebpf": ("ebpf", {}), "ebpf-tc": ("ebpf", {"inbound_path": "tc", "families": ["ipv4"]}),
-           "ebpf-accel": ("ebpf", {"accelerate": True})}
+BACKEND = {"iptables": ("iptables", {}), "nftables": ("nftables", {}), "ebpf": ("ebpf", {}),
+           "ebpf-tc": ("ebpf", {"inbound_path": "tc", "families": ["ipv4"]}), "ebpf-accel": ("ebpf", {"accelerate": True})}
 EXPLICIT_PORT = {"same-node": apps.EXPLICIT_OUT, "cross-node": apps.EXPLICIT_OUT + 1}
 #: node pair of each mode, and the pod set it uses (direct and explicit share one)
-PAIR = {"direct": 0, "explicit": 0, "iptables": 0, "ebpf": 1, "ebpf-accel": 2, "ebpf-tc": 3}
-POD_SET = {"direct": "plain", "explicit": "plain", "iptables": "ipt", "ebpf": "ebpf", "ebpf-accel": "accel",
-           "ebpf-tc": "ebpftc"}
+PAIR = {"direct": 0, "explicit": 0, "iptables": 0, "nftables": 0, "ebpf": 1, "ebpf-accel": 2, "ebpf-tc": 3}
+POD_SET = {"direct": "plain", "explicit": "plain", "iptables": "ipt", "nftables": "nft", "ebpf": "ebpf",
+           "ebpf-accel": "accel", "ebpf-tc": "ebpftc"}
 NODES = 8
 
 
@@ -150,11 +151,13 @@ class DataPathBench:
                 self.log(f"  disable {pod.name}: {exc}")
 
     def netfilter_state(self, mode: str) -> Dict[str, str]:
-        """iptables tables present in each pod: a table hooks every packet of its namespace."""
+        """iptables and nft tables present in each pod: a table hooks every packet of its namespace."""
         out = {}
         for pod in self.pods_of(mode).pods():
             res = pod.run(["cat", "/proc/net/ip_tables_names"], timeout=10)
-            out[pod.name] = ",".join(sorted(res.stdout.split())) or "none"
+            nft = pod.run(["nft", "list", "tables"], timeout=10).stdout.split("\n")
+            names = sorted(res.stdout.split()) + [f"nft {t[6:]}" for t in nft if t.startswith("table ")]
+            out[pod.name] = ",".join(names) or "none"
         return out
 
     def url(self, mode: str, placement: str, path: str = "/") -> str:
@@ -283,7 +286,8 @@ class DataPathBench:
         }
 
 
-def run(cluster, rounds: int, seconds: float, connections: int = 16, modes=MODES, log=print) -> Dict:
+def run(cluster, rounds: int, seconds: float, connections: int = 16, modes=MODES, placements=PLACEMENTS,
+        log=print) -> Dict:
     bench = DataPathBench(cluster, seconds=seconds, connections=connections, log=log)
     bench.setup(modes)
-    return bench.run(rounds, modes=modes)
+    return bench.run(rounds, modes=modes, placements=placements)

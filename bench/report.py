@@ -16,7 +16,7 @@ DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 CHART = os.path.join(ROOT, "docs", "benchmarks-datapath.png")
 CONTROL_CHART = os.path.join(ROOT, "docs", "benchmarks-control.png")
 BEGIN, END = "<!-- bench:generated:begin -->", "<!-- bench:generated:end -->"
-MODES = ["direct", "explicit", "iptables", "ebpf", "ebpf-tc", "ebpf-accel"]
+MODES = ["direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-tc", "ebpf-accel"]
 MODE_LABEL = {"ebpf": "ebpf (sk_lookup inbound)", "ebpf-tc": "ebpf --inbound-path tc", "ebpf-accel": "ebpf --accelerate"}
 
 TEMPLATE = f"""# Benchmarks
@@ -151,8 +151,8 @@ def chart(dp: Dict, path: str = CHART) -> Optional[str]:
              ("bulk", "bytes_per_s", "one long stream")]
     modes = [x for x in MODES if any(x in m[p] for p in placements)]
     fig, axes = plt.subplots(1, len(placements), figsize=(6 * len(placements), 4.2), sharey=True, squeeze=False)
-    colors = {"direct": "#999999", "explicit": "#4c72b0", "iptables": "#dd8452", "ebpf": "#55a868",
-              "ebpf-tc": "#c44e52", "ebpf-accel": "#8172b3"}
+    colors = {"direct": "#999999", "explicit": "#4c72b0", "iptables": "#dd8452", "nftables": "#937860",
+              "ebpf": "#55a868", "ebpf-tc": "#c44e52", "ebpf-accel": "#8172b3"}
     width = 0.8 / max(len(modes), 1)
     for ax, placement in zip(axes[0], placements):
         for i, mode in enumerate(modes):
@@ -191,7 +191,7 @@ def control_chart(cp: Dict, path: str = CONTROL_CHART) -> Optional[str]:
     if not backends:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    colors = {"iptables": "#dd8452", "ebpf": "#55a868"}
+    colors = {"iptables": "#dd8452", "nftables": "#937860", "ebpf": "#55a868"}
     tops = {}
     for mode, b in backends.items():
         for ax, key in zip(axes, ("enable", "disable")):
@@ -249,6 +249,7 @@ def control_summary(b: Dict) -> Dict:
         "enable_cli_last": next((e["s"] for e in reversed(enable) if e["via"] == "cli"), None),
         "disable_api_first100": pick(disable, "api", 0, first_hi),
         "disable_api_last100": pick(disable, "api", peak - 99, peak),
+        "disable_api_all": pick(disable, "api", 0, peak),
         "disable_cli": med(e["s"] for e in disable if e["via"] == "cli"),
         "enable_api_slope": slope(api),
     }
@@ -291,6 +292,7 @@ def control_tables(cp: Dict) -> List[str]:
             f"| {_ms(s['disable_api_first100'])} | {_ms(s['disable_api_last100'])} | {_ms(s['disable_cli'])} "
             f"| {_ms(b.get('status_cli_at_peak_s'))} | {_ms(b.get('disable_all_s'))} |"
         )
+    lines += control_ratios(cp.get("backends", {}))
     lines += ["", "Request latency and rate between the client and server pods (same node, both intercepted, wrk "
               "16 connections), with 2 managed namespaces and with the peak number:", "",
               "| backend | new conn. req/s at 2 | at peak | p50 ms at 2 | at peak | keep-alive p50 ms at 2 | at peak |",
@@ -319,6 +321,21 @@ def control_tables(cp: Dict) -> List[str]:
     if cp.get("unavailable"):
         lines += ["", "Not measured:", ""] + [f"* `{k}`: {v}" for k, v in cp["unavailable"].items()]
     lines.append("")
+    return lines
+
+
+def control_ratios(backends: Dict, base: str = "iptables") -> List[str]:
+    """The backends' medians divided by ``base``'s, all from the same run (below 1: faster)."""
+    if base not in backends or len(backends) < 2:
+        return []
+    ref = control_summary(backends[base])
+    keys = (("enable_api_all", "enable API (all N)"), ("enable_cli", "enable CLI"),
+            ("disable_api_all", "disable API (all N)"), ("disable_cli", "disable CLI"))
+    lines = ["", f"The same medians as ratios to `{base}`, side by side from this run (below 1: faster):", "",
+             "| backend | " + " | ".join(label for _, label in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for mode, b in backends.items():
+        s = control_summary(b)
+        lines.append(f"| {mode} | " + " | ".join(f_ratio(ratio(s[k], ref[k])) for k, _ in keys) + " |")
     return lines
 
 

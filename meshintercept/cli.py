@@ -105,6 +105,7 @@ def cli(ctx, cgroup, pin_dir, state_dir, tc_attach, traceback):
 
     \b
       iptables  nat REDIRECT rules inside the pod's namespace (like Istio, Linkerd, osm)
+      nftables  native nf_tables rules in one inet table of the pod's namespace
       ebpf      cgroup connect4/connect6/sockops/getsockopt; inbound by sk_lookup (or tc)
 
     \b
@@ -172,10 +173,11 @@ def _spec_options(fn):
 
 @cli.command(epilog=EXIT_CODE_HELP.replace("\n", "\n\n\b\n", 1))
 @click.option("--mode", envvar=_env("mode"), metavar="MODE", required=True,
-              help="Interception backend: iptables or ebpf (see 'meshintercept doctor').")
+              help="Interception backend: iptables, nftables or ebpf (see 'meshintercept doctor').")
 @click.option("--netns", envvar=_env("netns"), metavar="NS", required=True, help=NETNS_HELP)
 @_spec_options
-@click.option("--dry-run", is_flag=True, help="Print what would be applied (iptables-save form for iptables) and change nothing.")
+@click.option("--dry-run", is_flag=True, help="Print what would be applied (iptables-save form for iptables, "
+              "'nft list table' form for nftables) and change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_session
 def enable(session, mode, netns, dry_run, as_json, **spec_options):
@@ -199,6 +201,7 @@ def enable(session, mode, netns, dry_run, as_json, **spec_options):
       meshintercept enable --mode iptables --netns pod1
       meshintercept enable --mode ebpf --netns /proc/4242/ns/net --exclude-outbound-port 22,53
       meshintercept enable --mode iptables --netns pod1 --dry-run
+      meshintercept enable --mode nftables --netns pod1 --family ipv4
     """
     from meshintercept.spec import InterceptSpec
 
@@ -331,7 +334,7 @@ def doctor(session, as_json):
 # --- demo -----------------------------------------------------------------------------------
 @cli.command()
 @click.option("--mode", envvar=_env("mode"), default="iptables", show_default=True, metavar="MODE",
-              help="Interception backend to demonstrate: iptables or ebpf.")
+              help="Interception backend to demonstrate: iptables, nftables or ebpf.")
 @click.option("--keep", is_flag=True, help="Leave the cluster up until Enter is pressed (to look around).")
 def demo(mode, keep):
     """Run the seed's walk-through on this machine, then tear it all down.

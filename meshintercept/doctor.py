@@ -39,12 +39,14 @@ def run_checks(manager) -> Dict[str, List[Check]]:
     sections: Dict[str, List[Check]] = {"general": general_checks(manager)}
     for mode in registry.names():
         try:
-            registry.load(mode)
+            cls = registry.load(mode)
         except MeshInterceptError as exc:
             sections[f"mode {mode}"] = [Check(f"{mode} backend loads", False, exc.message, "reinstall meshintercept")]
             continue
         try:
-            checks = manager.backend(mode).doctor(manager.records(mode))
+            # Not manager.backend(): that refuses a mode that cannot run here, and saying why
+            # (and what else works) is the backend's doctor's job.
+            checks = cls(manager.node).doctor(manager.records(mode))
         except Exception as exc:  # noqa: BLE001 - doctor must report, never crash
             checks = [Check(f"{mode} checks ran", False, f"{type(exc).__name__}: {exc}", "report this as a bug")]
         sections[f"mode {mode}"] = checks

@@ -25,6 +25,13 @@ def _console():
     return Console(highlight=False, soft_wrap=True)
 
 
+def _escape(text: str) -> str:
+    """Data printed through rich: an address like [fd00::2]:80 is text, not a markup tag."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def _ports(ports) -> str:
     return ",".join(str(p) for p in ports) or "-"
 
@@ -75,7 +82,7 @@ def _spec_lines(spec: dict) -> list:
     return lines
 
 
-_SKIP = {"in_place", "error", "rules", "counters", "present", "table", "checked"}
+_SKIP = {"in_place", "error", "rules", "counters", "present", "table", "checked", "listing", "rule_counters"}
 
 
 def _flat(value) -> str:
@@ -96,10 +103,15 @@ def _live_lines(live: dict) -> list:
         label = key.replace("_", " ")
         if key in ("nft_rules_present", "foreign_redirects"):
             label = f"[yellow]{label}[/]"
-        lines.append(f"{label}: {_flat(value)}")
+        lines.append(f"{label}: {_escape(_flat(value))}")
     counters = live.get("counters")
     if counters:
         lines.append(f"counters: {_flat(counters)}")
+    # A backend's live ruleset as its own tool prints it (nftables: the table with per-rule
+    # counters) reads only as a block, one line per line.
+    if live.get("listing"):
+        lines.append("live ruleset:")
+        lines.extend("  " + _escape(line.replace("\t", "  ")) for line in live["listing"])
     return lines
 
 
@@ -112,9 +124,9 @@ def render_doctor(report: dict) -> None:
                 mark = "[yellow]note[/]" if check["ok"] else "[yellow]warn[/]"
             else:
                 mark = "[green]ok[/]  " if check["ok"] else "[red]FAIL[/]"
-            console.print(f"  {mark} {check['name']}" + (f": {check['detail']}" if check["detail"] else ""))
+            console.print(f"  {mark} {check['name']}" + (f": {_escape(check['detail'])}" if check["detail"] else ""))
             if not check["ok"] and check["fix"]:
-                console.print(f"       fix: {check['fix']}")
+                console.print(f"       fix: {_escape(check['fix'])}")
     usable = ", ".join(report["usable_modes"]) or "none"
     console.print(f"usable modes: [bold]{usable}[/]")
 

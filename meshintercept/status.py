@@ -24,10 +24,10 @@ class ExitStatus(IntEnum):
 EXIT_CODE_HELP = """\
 Exit codes:
   0    success
-  1    runtime failure (the kernel or iptables refused a change; nothing is left half-applied)
+  1    runtime failure (the kernel, iptables or nftables refused a change; nothing is left half-applied)
   2    usage error (bad option or value)
   3    not permitted (run as root, with CAP_NET_ADMIN and CAP_BPF)
-  4    environment missing (bcc, kernel headers, cgroup v2, bpffs or iptables not usable)
+  4    environment missing (bcc, kernel headers, cgroup v2, bpffs, iptables or nftables not usable)
   5    network namespace not found
   6    conflict (namespace managed by another mode or holds another mesh's rules)
   130  interrupted (Ctrl-C)"""

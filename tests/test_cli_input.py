@@ -72,8 +72,8 @@ def test_bad_values_are_usage_errors(node_env, netns_name, extra, words):
 
 
 def test_unknown_mode_names_the_available_ones(node_env, netns_name):
-    proc = run(["enable", "--mode", "nftables", "--netns", netns_name], node_env)
-    assert_one_sentence(proc, ExitStatus.USAGE, "unknown mode 'nftables'", "ebpf", "iptables")
+    proc = run(["enable", "--mode", "tproxy", "--netns", netns_name], node_env)
+    assert_one_sentence(proc, ExitStatus.USAGE, "unknown mode 'tproxy'", "ebpf", "iptables", "nftables")
     assert_nothing_changed(node_env, netns_name)
 
 

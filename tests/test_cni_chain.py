@@ -38,6 +38,8 @@ def unavailable(mode: str):
 
 MODES = [
     "iptables",
+    pytest.param("nftables", marks=pytest.mark.skipif(
+        bool(unavailable("nftables")), reason=f"nftables backend not usable here: {unavailable('nftables')}")),
     pytest.param("ebpf", marks=[pytest.mark.ebpf, pytest.mark.skipif(
         bool(unavailable("ebpf")), reason=f"eBPF backend not usable here: {unavailable('ebpf')}")]),
 ]
@@ -75,6 +77,8 @@ def ours_left(bed: CniTestbed, pod, record) -> list:
         saved = pod.iptables_save()
         if "MI_" in saved or "meshintercept" in saved:
             left.append("iptables rules")
+    if record.mode == "nftables" and "meshintercept" in pod.run(["nft", "list", "tables"]).stdout:
+        left.append("nftables table")
     return left
 
 
@@ -155,6 +159,8 @@ def test_check_fails_when_interception_is_gone_and_repair_restores_it(bed_factor
     # so with a CNI error.
     if mode == "iptables":  # someone flushes our chain (an init container, an iptables restore)
         pod.run(["iptables-legacy", "-t", "nat", "-F", "MI_OUTPUT"], check=True)
+    elif mode == "nftables":  # the same in our nft table
+        pod.run(["nft", "flush", "chain", "inet", "meshintercept", "outbound"], check=True)
     else:  # the namespace's entries vanish from the node's maps
         manager = Manager(bed.node.node)
         manager.backend(mode).disable(manager.record(pod.netns), pod.netns)

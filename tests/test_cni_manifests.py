@@ -123,9 +123,10 @@ def test_dockerfile_installs_what_the_code_needs():
         text = f.read()
     # Debian 12 by default; BASE names a locally imported one where no registry is reachable.
     assert re.search(r"^ARG BASE=debian:12", text, re.M) and re.search(r"^FROM \$\{BASE\}$", text, re.M)
-    # util-linux: nsenter for the agent shim; nftables: the nft the iptables backend's probe runs
-    for package in ("python3-bpfcc", "python3-iptables", "iproute2", "iptables", "nftables", "util-linux",
-                    "python3-venv"):
+    # util-linux: nsenter for the agent shim; nftables: the nft the iptables backend's probe runs;
+    # python3-nftables: the nftables mode's libnftables binding
+    for package in ("python3-bpfcc", "python3-iptables", "python3-nftables", "iproute2", "iptables", "nftables",
+                    "util-linux", "python3-venv"):
         assert re.search(rf"\b{package}\b", text), package
     venv = re.search(r"python3 -m venv --system-site-packages (\S+)", text).group(1)
     assert f"{venv}/bin/pip install" in text and f"PATH={venv}/bin:" in text

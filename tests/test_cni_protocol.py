@@ -64,7 +64,7 @@ def test_version_lists_supported_versions(run):
     ("bad port", "ADD", conf(outbound_port="abc"), POD_ENV, 7, "'abc' is not a number"),
     ("same ports", "ADD", conf(outbound_port=15003), POD_ENV, 7, "both 15003"),
     ("bad cidr", "ADD", conf(exclude_outbound_cidrs=["10.0.0.0/33"]), POD_ENV, 7, "not a valid CIDR"),
-    ("unknown mode", "ADD", conf(mode="nftables"), POD_ENV, 7, "available modes"),
+    ("unknown mode", "ADD", conf(mode="tproxy"), POD_ENV, 7, "available modes"),
     ("opt-in without API", "ADD", conf(pod_selection="opt-in"), POD_ENV, 7, "needs a kubeconfig"),
     ("debug not bool", "ADD", conf(debug="yes"), POD_ENV, 7, "true or false"),
     ("missing env", "ADD", conf(), {"CNI_CONTAINERID": "c1"}, 4, "CNI_NETNS, CNI_IFNAME"),

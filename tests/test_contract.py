@@ -17,6 +17,7 @@ pytestmark = pytest.mark.root
 #: tc path (IPv4 only: its classes intercept IPv4 and leave IPv6 alone with --family ipv4).
 BACKENDS = [
     ("Iptables", "iptables", {}, ("ipv4", "v4mapped", "ipv6")),
+    ("Nftables", "nftables", {}, ("ipv4", "v4mapped", "ipv6")),
     ("Ebpf", "ebpf", {}, ("ipv4", "v4mapped", "ipv6")),
     ("EbpfAccelerated", "ebpf", {"accelerate": True}, ("ipv4", "v4mapped", "ipv6")),
     ("EbpfTc", "ebpf", {"inbound_path": "tc", "families": ["ipv4"]}, ("ipv4", "v4mapped")),

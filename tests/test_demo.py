@@ -30,7 +30,7 @@ def _mode_usable(mode):
         return False
 
 
-@pytest.mark.parametrize("mode", ["iptables", "ebpf"])
+@pytest.mark.parametrize("mode", ["iptables", "nftables", "ebpf"])
 def test_demo_shows_both_answers_and_cleans_up(mode):
     if not _mode_usable(mode):
         pytest.skip(f"mode {mode} is not usable here yet")

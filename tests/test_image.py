@@ -52,7 +52,7 @@ def ebpf_unavailable():
         return exc.message
 
 
-MODES = ["iptables", pytest.param("ebpf", marks=[pytest.mark.ebpf, pytest.mark.skipif(
+MODES = ["iptables", "nftables", pytest.param("ebpf", marks=[pytest.mark.ebpf, pytest.mark.skipif(
     bool(ebpf_unavailable()), reason=f"eBPF backend not usable here: {ebpf_unavailable()}")])]
 # Run by the pod's own processes (podman exec): one connection, what each end saw.
 CLIENT = ("import json, socket, sys; s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10); "

@@ -178,6 +178,10 @@ class ContractBase:
                 for line in pod.iptables_save("nat", legacy=legacy, family=family).splitlines():
                     if re.search(r"\bMI_|meshintercept|REDIRECT --to-ports (15001|15003)\b", line):
                         found.append(f"{'legacy' if legacy else 'nft'} {'ip6' if family == 6 else 'ip'}tables: {line}")
+        # Native nftables (the nftables mode's inet table, anyone's redirect to the sidecar's ports).
+        for line in pod.run(["nft", "list", "ruleset"]).stdout.splitlines():
+            if re.search(r"meshintercept|redirect to :(15001|15003)\b", line):
+                found.append(f"nft: {line.strip()}")
         qdiscs = pod.run(["tc", "qdisc", "show", "dev", pod.ifname]).stdout
         if "clsact" in qdiscs:
             found.append(f"tc qdisc: {qdiscs.strip()}")
