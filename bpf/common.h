@@ -15,7 +15,7 @@
  */
 #pragma once
 
-#define MI_LAYOUT_VERSION 2
+#define MI_LAYOUT_VERSION 3
 
 #define MI_MAX_PORTS 64 /* per port list in mi_config */
 #define MI_MAX_CIDRS 32 /* excluded outbound CIDRs in mi_config, IPv4 and IPv6 together */
@@ -31,6 +31,9 @@
 #define MI_CFG_INBOUND_TC 0x4 /* inbound by tc port rewrite (the seed's path), not by sk_lookup */
 #define MI_CFG_IPV4 0x8       /* intercept IPv4 (and v4-mapped destinations of IPv6 sockets) */
 #define MI_CFG_IPV6 0x10      /* intercept native IPv6 */
+#define MI_CFG_DNS 0x20       /* --capture-dns: the app's queries to port 53 go to dns_port */
+
+#define MI_DNS_PORT 53 /* what --capture-dns captures (UDP and TCP) */
 
 /* mi_origin.flags: who made the entry and where the flow stands */
 #define MI_ORIG_OUTBOUND 0x1      /* app -> own sidecar (connect4/connect6) */
@@ -39,9 +42,11 @@
 #define MI_ORIG_CLAIMED 0x8       /* the accepting socket owns (and will delete) it */
 #define MI_ORIG_FIN_IN 0x10       /* tc saw a FIN towards the pod */
 #define MI_ORIG_FIN_OUT 0x20      /* tc saw a FIN from the pod */
+#define MI_ORIG_DNS 0x40          /* a DNS query sent to the DNS port (TCP connection or UDP socket) */
 
 /* mi_sock.flags (per-socket storage) */
-/* The low byte holds the MI_ORIG_OUTBOUND / MI_ORIG_INBOUND_LOCAL kind connect chose. */
+/* The low byte holds the MI_ORIG_OUTBOUND / MI_ORIG_INBOUND_LOCAL / MI_ORIG_DNS kind connect
+ * or sendmsg chose. */
 #define MI_SOCK_PENDING 0x100    /* connect saved an origin, not yet established */
 #define MI_SOCK_WROTE 0x200      /* active side wrote `key` into the origin map */
 #define MI_SOCK_OWNS 0x400       /* passive side claimed `key` and deletes it at close */
@@ -49,6 +54,8 @@
 #define MI_SOCK_MSG_REDIR 0x1000 /* sk_msg decided: redirect to the peer */
 #define MI_SOCK_MSG_PASS 0x2000  /* sk_msg decided: normal path for good */
 #define MI_SOCK_STEERED 0x4000   /* accepted through sk_lookup: its local address is the origin */
+#define MI_SOCK_DNS_ASKED 0x8000 /* the DNS sidecar's UDP socket connected to a client: orig_* is
+				  * where that client's query was going (getsockopt answers it) */
 
 /* mi_event.kind */
 #define MI_EV_CONNECT_OUT 1     /* connect4/6 rewrote to the outbound port */
@@ -66,6 +73,10 @@
 #define MI_EV_STEERED 13        /* sk_lookup handed a new connection to the inbound listener */
 #define MI_EV_REFUSED 14        /* sk_lookup refused it: no inbound listener (fail closed) */
 #define MI_EV_LISTENER 15       /* sockops registered the sidecar's inbound listener */
+#define MI_EV_DNS 16            /* connect4/6 or sendmsg4/6 sent a DNS query to the DNS port */
+#define MI_EV_DNS_SKIP 17       /* a query to port 53 left alone; reason says why */
+#define MI_EV_DNS_RESTORED 18   /* recvmsg4/6 or getpeername4/6 showed the server asked, not the sidecar */
+#define MI_EV_DNS_ASKED 19      /* the DNS sidecar's socket connected to a client took its query's origin */
 
 /*
  * Every address is 16 bytes, network order: IPv6 as it is, IPv4 as its v4-mapped form
@@ -93,7 +104,8 @@ struct mi_config {
 	__u16 n_exclude_in_ports;
 	__u16 n_include_in_ports; /* 0 = every port */
 	__u16 n_exclude_out_cidrs;
-	__u32 pad;
+	__u16 dns_port; /* with MI_CFG_DNS */
+	__u16 pad;
 	__u16 exclude_out_ports[MI_MAX_PORTS];
 	__u16 exclude_in_ports[MI_MAX_PORTS];
 	__u16 include_in_ports[MI_MAX_PORTS];
@@ -134,7 +146,8 @@ struct mi_sock {
 	struct mi_addr orig_ip;
 	__u16 orig_port;
 	__u16 flags;
-	__u32 pad;
+	__u16 redirect_port; /* where connect/sendmsg sent it (DNS: the peer a reply comes from) */
+	__u16 pad;
 	__u64 key_netns;      /* namespace of the accepting side */
 	__u64 gen;            /* mi_origin.gen of the entry this socket wrote or owns */
 	struct mi_tuple key;  /* origin-map entry this socket wrote or owns */
@@ -165,6 +178,8 @@ struct mi_counters {
 	__u64 inbound_refused; /* sk_lookup: refused, no inbound listener (fail closed) */
 	__u64 listeners;       /* sockops: inbound listeners registered */
 	__u64 redirected_out6; /* of redirected_out: native IPv6 */
+	__u64 dns_redirected;  /* DNS queries sent to the DNS port: UDP sends and connects, TCP connects */
+	__u64 dns_restored;    /* replies and peers shown as the server asked (recvmsg, getpeername) */
 };
 
 /* Ring buffer record for `meshintercept trace` (only for namespaces with MI_CFG_DEBUG). */
@@ -181,7 +196,7 @@ struct mi_event {
 	__u16 src_port;
 	__u16 dst_port;
 	__u16 new_port;
-	__u16 pad;
+	__u16 proto; /* 6 or 17 where it matters, else 0 */
 };
 
 /* Single-slot array written by the loader: what is loaded, by which build. */
@@ -197,21 +212,21 @@ struct mi_meta {
 
 #ifndef MI_LAYOUT_CHECK
 /* Map names carry the layout version (kernel map names are at most 15 characters). */
-BPF_TABLE("hash", __u64, struct mi_config, mi2_config, MI_MAX_NAMESPACES);
-BPF_TABLE("hash", struct mi_addr, struct mi_pod, mi2_podip, MI_MAX_POD_IPS);
-BPF_TABLE("lru_hash", struct mi_tuple, struct mi_origin, mi2_origdst, MI_MAX_CONNS);
-BPF_TABLE("percpu_hash", __u64, struct mi_counters, mi2_counters, MI_MAX_NAMESPACES);
-BPF_SK_STORAGE(mi2_sock, struct mi_sock);
-BPF_SOCKHASH(mi2_sockhash, struct mi_tuple, MI_MAX_CONNS);
-BPF_RINGBUF_OUTPUT(mi2_events, MI_EVENT_PAGES);
-BPF_ARRAY(mi2_meta, struct mi_meta, 1);
+BPF_TABLE("hash", __u64, struct mi_config, mi3_config, MI_MAX_NAMESPACES);
+BPF_TABLE("hash", struct mi_addr, struct mi_pod, mi3_podip, MI_MAX_POD_IPS);
+BPF_TABLE("lru_hash", struct mi_tuple, struct mi_origin, mi3_origdst, MI_MAX_CONNS);
+BPF_TABLE("percpu_hash", __u64, struct mi_counters, mi3_counters, MI_MAX_NAMESPACES);
+BPF_SK_STORAGE(mi3_sock, struct mi_sock);
+BPF_SOCKHASH(mi3_sockhash, struct mi_tuple, MI_MAX_CONNS);
+BPF_RINGBUF_OUTPUT(mi3_events, MI_EVENT_PAGES);
+BPF_ARRAY(mi3_meta, struct mi_meta, 1);
 
 /*
  * Inbound listeners. bcc's BPF_SOCKHASH has no lookup() (sk_lookup needs one to fetch the
  * socket it hands over), so the table is declared by hand: the same map type, with the
  * method names bcc rewrites into helper calls on the map's fd.
  */
-struct mi2_listen_table_t {
+struct mi3_listen_table_t {
 	struct mi_listen_key key;
 	__u64 leaf; /* 8 bytes: user space writes a socket fd and reads back the socket's cookie */
 	__u64 *(*lookup)(struct mi_listen_key *);
@@ -219,6 +234,6 @@ struct mi2_listen_table_t {
 	int (*sock_hash_update)(void *, void *, __u64);
 	__u32 max_entries;
 };
-__attribute__((section("maps/sockhash"))) struct mi2_listen_table_t mi2_listen = {.max_entries = 2 * MI_MAX_NAMESPACES};
-BPF_ANNOTATE_KV_PAIR(mi2_listen, struct mi_listen_key, __u64);
+__attribute__((section("maps/sockhash"))) struct mi3_listen_table_t mi3_listen = {.max_entries = 2 * MI_MAX_NAMESPACES};
+BPF_ANNOTATE_KV_PAIR(mi3_listen, struct mi_listen_key, __u64);
 #endif

@@ -12,6 +12,10 @@
  * marked as steered by sk_lookup, the socket's own local address: sk_lookup never rewrites
  * the destination, so the accepted socket holds it.
  *
+ * UDP (--capture-dns): the DNS sidecar asks on a UDP socket it connected to a client's
+ * address; connect4/6 put that client's query's origin into the socket's storage
+ * (lib/dns.h mi_dns_ask). The kernel itself has no answer for UDP, under any mode.
+ *
  * Runs after the kernel's own handler. Any other option passes untouched (retval and
  * buffer as the kernel left them); so does a question we know nothing about.
  */
@@ -81,6 +85,55 @@ static __always_inline int mi_answer(struct bpf_sockopt *ctx, const struct mi_ad
 	return MI_OK;
 }
 
+/* The answer (or miss) both protocols report the same way. */
+static __always_inline int mi_origdst_done(struct bpf_sockopt *ctx, const struct mi_config *cfg, struct mi_event *ev,
+					   int found)
+{
+	int ret;
+
+	if (!found) {
+		MI_COUNT(ev->netns, origdst_misses, 1);
+		ev->kind = MI_EV_ORIGDST_MISS;
+		ev->reason = MI_E_NOTMANAGED;
+		MI_DEBUG(cfg, "SO_ORIGINAL_DST miss lport=%u rport=%u", ev->dst_port, ev->src_port);
+		mi_emit(cfg, ev);
+		return MI_E_NOTMANAGED;
+	}
+	ret = mi_answer(ctx, &ev->new_ip, ev->new_port);
+	if (ret)
+		return ret;
+	MI_COUNT(ev->netns, origdst_answers, 1);
+	ev->kind = MI_EV_ORIGDST;
+	MI_DEBUG(cfg, "SO_ORIGINAL_DST rport=%u -> port %u", ev->src_port, ev->new_port);
+	mi_emit(cfg, ev);
+	return MI_OK;
+}
+
+/* UDP: the DNS sidecar's socket connected to a client (see the top of this file). */
+static __always_inline int __mi_dns_original_dst(struct bpf_sockopt *ctx, struct bpf_sock *sk, __u64 netns,
+						 const struct mi_config *cfg, int want_v4)
+{
+	struct mi_event ev = {};
+	struct mi_sock *s;
+
+	s = mi3_sock.sk_storage_get(sk, 0, 0);
+	if (s && (s->flags & MI_SOCK_DNS_ASKED) && mi_addr_is_v4(&s->orig_ip) != want_v4)
+		return MI_E_FAMILY;
+	ev.netns = netns;
+	ev.proto = MI_IPPROTO_UDP;
+	mi_task_ids(&ev);
+	if (sk->family == MI_AF_INET6)
+		MI_ADDR_V6(&ev.src_ip, sk->dst_ip6);
+	else
+		MI_ADDR_V4(&ev.src_ip, sk->dst_ip4);
+	ev.src_port = mi_ntohs(sk->dst_port);
+	if (!s || !(s->flags & MI_SOCK_DNS_ASKED))
+		return mi_origdst_done(ctx, cfg, &ev, 0);
+	ev.new_ip = s->orig_ip;
+	ev.new_port = s->orig_port;
+	return mi_origdst_done(ctx, cfg, &ev, 1);
+}
+
 static __always_inline int __mi_original_dst(struct bpf_sockopt *ctx, int want_v4)
 {
 	struct bpf_sock *sk = ctx->sk;
@@ -90,14 +143,17 @@ static __always_inline int __mi_original_dst(struct bpf_sockopt *ctx, int want_v
 	struct mi_event ev = {};
 	struct mi_sock *s;
 	__u64 netns;
-	int ret;
 
-	if (!sk || (sk->family != MI_AF_INET && sk->family != MI_AF_INET6) || sk->protocol != MI_IPPROTO_TCP)
+	if (!sk || (sk->family != MI_AF_INET && sk->family != MI_AF_INET6))
+		return MI_E_PROTO;
+	if (sk->protocol != MI_IPPROTO_TCP && sk->protocol != MI_IPPROTO_UDP)
 		return MI_E_PROTO;
 	netns = bpf_get_netns_cookie(ctx);
-	cfg = mi2_config.lookup(&netns);
+	cfg = mi3_config.lookup(&netns);
 	if (!cfg)
 		return MI_E_NOTMANAGED;
+	if (sk->protocol == MI_IPPROTO_UDP)
+		return __mi_dns_original_dst(ctx, sk, netns, cfg, want_v4);
 	key.netns = netns;
 	mi_sk_addrs(sk, &key);
 	/* SOL_IP answers IPv4 connections only, SOL_IPV6 native IPv6 ones: as conntrack does. */
@@ -109,31 +165,18 @@ static __always_inline int __mi_original_dst(struct bpf_sockopt *ctx, int want_v
 	ev.dst_ip = key.local_ip;
 	ev.dst_port = key.local_port;
 	mi_task_ids(&ev);
-	orig = mi2_origdst.lookup(&key);
+	orig = mi3_origdst.lookup(&key);
 	if (orig) {
 		ev.new_ip = orig->ip;
 		ev.new_port = orig->port;
-	} else {
-		s = mi2_sock.sk_storage_get(sk, 0, 0);
-		if (!s || !(s->flags & MI_SOCK_STEERED)) {
-			MI_COUNT(netns, origdst_misses, 1);
-			ev.kind = MI_EV_ORIGDST_MISS;
-			ev.reason = MI_E_NOTMANAGED;
-			MI_DEBUG(cfg, "SO_ORIGINAL_DST miss lport=%u rport=%u", key.local_port, key.remote_port);
-			mi_emit(cfg, &ev);
-			return MI_E_NOTMANAGED;
-		}
-		ev.new_ip = key.local_ip;
-		ev.new_port = key.local_port;
+		return mi_origdst_done(ctx, cfg, &ev, 1);
 	}
-	ret = mi_answer(ctx, &ev.new_ip, ev.new_port);
-	if (ret)
-		return ret;
-	MI_COUNT(netns, origdst_answers, 1);
-	ev.kind = MI_EV_ORIGDST;
-	MI_DEBUG(cfg, "SO_ORIGINAL_DST rport=%u -> port %u", key.remote_port, ev.new_port);
-	mi_emit(cfg, &ev);
-	return MI_OK;
+	s = mi3_sock.sk_storage_get(sk, 0, 0);
+	if (!s || !(s->flags & MI_SOCK_STEERED))
+		return mi_origdst_done(ctx, cfg, &ev, 0);
+	ev.new_ip = key.local_ip;
+	ev.new_port = key.local_port;
+	return mi_origdst_done(ctx, cfg, &ev, 1);
 }
 
 int mi_getsockopt(struct bpf_sockopt *ctx)

@@ -52,11 +52,11 @@ static __always_inline struct bpf_sock *mi_listener(__u64 netns, int v4)
 
 	key.netns = netns;
 	key.family = v4 ? 4 : 6;
-	sk = (struct bpf_sock *)mi2_listen.lookup(&key);
+	sk = (struct bpf_sock *)mi3_listen.lookup(&key);
 	if (sk || !v4)
 		return sk;
 	key.family = 6;
-	sk = (struct bpf_sock *)mi2_listen.lookup(&key);
+	sk = (struct bpf_sock *)mi3_listen.lookup(&key);
 	return sk;
 }
 
@@ -70,7 +70,7 @@ static __always_inline int mi_from_itself(struct bpf_sk_lookup *ctx, __u64 netns
 		MI_ADDR_V6(&remote, ctx->remote_ip6);
 	else
 		MI_ADDR_V4(&remote, ctx->remote_ip4);
-	pod = mi2_podip.lookup(&remote);
+	pod = mi3_podip.lookup(&remote);
 	return pod && pod->netns == netns;
 }
 
@@ -94,11 +94,11 @@ static __always_inline int __mi_lookup(struct bpf_sk_lookup *ctx)
 		MI_ADDR_V6(&local, ctx->local_ip6);
 	else
 		MI_ADDR_V4(&local, ctx->local_ip4);
-	pod = mi2_podip.lookup(&local);
+	pod = mi3_podip.lookup(&local);
 	if (!pod)
 		return SK_PASS;
 	netns = pod->netns;
-	cfg = mi2_config.lookup(&netns);
+	cfg = mi3_config.lookup(&netns);
 	if (!cfg || (cfg->flags & MI_CFG_INBOUND_TC) || !mi_family_on(cfg, &local))
 		return SK_PASS;
 	port = (__u16)ctx->local_port;

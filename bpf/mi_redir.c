@@ -18,7 +18,7 @@ static __always_inline int __mi_msg_redirect(struct sk_msg_md *msg, struct mi_so
 
 	if (s->flags & MI_SOCK_MSG_PASS)
 		return MI_E_NOTMANAGED;
-	verdict = mi2_sockhash.msg_redirect_hash(msg, &s->peer, BPF_F_INGRESS);
+	verdict = mi3_sockhash.msg_redirect_hash(msg, &s->peer, BPF_F_INGRESS);
 	if (verdict == SK_PASS) {
 		s->flags |= MI_SOCK_MSG_REDIR;
 		MI_COUNT(netns, msg_redirects, 1);
@@ -38,7 +38,7 @@ int mi_msg_redirect(struct sk_msg_md *msg)
 
 	if (!sk)
 		return SK_PASS;
-	s = mi2_sock.sk_storage_get(sk, 0, 0);
+	s = mi3_sock.sk_storage_get(sk, 0, 0);
 	if (!s || !(s->flags & MI_SOCK_HASHED))
 		return SK_PASS;
 	__mi_msg_redirect(msg, s);

@@ -11,7 +11,7 @@
  *   path a socket accepted on a redirected port of a pod address was steered to the
  *   sidecar: it is marked (MI_SOCK_STEERED) and getsockopt answers its own local address.
  * TCP_LISTEN_CB (listen() in a managed sk_lookup namespace on its inbound port): the
- *   listener joins mi2_listen, so a sidecar that starts or restarts is found with no action.
+ *   listener joins mi3_listen, so a sidecar that starts or restarts is found with no action.
  * STATE_CB -> CLOSE: the owner deletes; the writer deletes only what nobody claimed.
  * With MI_CFG_ACCELERATE both sockets also enter the sockhash (see mi_redir.c).
  *
@@ -62,14 +62,14 @@ static __always_inline void mi_mirror(struct mi_tuple *peer, const struct mi_tup
 static __always_inline void mi_accelerate(struct bpf_sock_ops *ctx, struct mi_sock *s, __u64 netns)
 {
 	struct mi_tuple self = {};
-	struct mi_config *cfg = mi2_config.lookup(&netns);
+	struct mi_config *cfg = mi3_config.lookup(&netns);
 	long err;
 
 	if (!cfg || !(cfg->flags & MI_CFG_ACCELERATE))
 		return;
 	mi_own_tuple(ctx, netns, &self);
 	/* bcc rewrites map methods only as whole statements or initialisers. */
-	err = mi2_sockhash.sock_hash_update(ctx, &self, BPF_ANY);
+	err = mi3_sockhash.sock_hash_update(ctx, &self, BPF_ANY);
 	if (err == 0)
 		s->flags |= MI_SOCK_HASHED;
 }
@@ -77,14 +77,14 @@ static __always_inline void mi_accelerate(struct bpf_sock_ops *ctx, struct mi_so
 /* The namespace of a managed, accelerated sk_lookup pod on this node at `a`, or 0. */
 static __always_inline __u64 mi_accelerated_lookup_pod(const struct mi_addr *a, __u16 port)
 {
-	struct mi_pod *pod = mi2_podip.lookup((struct mi_addr *)a);
+	struct mi_pod *pod = mi3_podip.lookup((struct mi_addr *)a);
 	struct mi_config *cfg;
 	__u64 netns;
 
 	if (!pod)
 		return 0;
 	netns = pod->netns;
-	cfg = mi2_config.lookup(&netns);
+	cfg = mi3_config.lookup(&netns);
 	if (!cfg || (cfg->flags & MI_CFG_INBOUND_TC) || !(cfg->flags & MI_CFG_ACCELERATE))
 		return 0;
 	if (port && !mi_inbound_redirected(cfg, port))
@@ -106,14 +106,14 @@ static __always_inline int __mi_active_lookup_peer(struct bpf_sock_ops *ctx, str
 	__u64 netns, peer_netns;
 
 	netns = bpf_get_netns_cookie(ctx);
-	cfg = mi2_config.lookup(&netns);
+	cfg = mi3_config.lookup(&netns);
 	if (!cfg || !(cfg->flags & MI_CFG_ACCELERATE))
 		return MI_E_NOTMANAGED;
 	mi_own_tuple(ctx, netns, &self);
 	peer_netns = mi_accelerated_lookup_pod(&self.remote_ip, self.remote_port);
 	if (!peer_netns || peer_netns == netns)
 		return MI_E_NOTMANAGED;
-	s = mi2_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	s = mi3_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!s)
 		return MI_E_NOMEM;
 	mi_mirror(&s->peer, &self, peer_netns);
@@ -133,7 +133,7 @@ static __always_inline int __mi_active_established(struct bpf_sock_ops *ctx)
 
 	if (!sk)
 		return MI_E_NOTMANAGED;
-	s = mi2_sock.sk_storage_get(sk, 0, 0);
+	s = mi3_sock.sk_storage_get(sk, 0, 0);
 	if (!s || !(s->flags & MI_SOCK_PENDING))
 		return __mi_active_lookup_peer(ctx, sk);
 	netns = bpf_get_netns_cookie(ctx);
@@ -141,12 +141,12 @@ static __always_inline int __mi_active_established(struct bpf_sock_ops *ctx)
 	mi_mirror(&s->key, &self, s->key_netns);
 	orig.ip = s->orig_ip;
 	orig.port = s->orig_port;
-	orig.flags = s->flags & (MI_ORIG_OUTBOUND | MI_ORIG_INBOUND_LOCAL);
+	orig.flags = s->flags & (MI_ORIG_OUTBOUND | MI_ORIG_INBOUND_LOCAL | MI_ORIG_DNS);
 	orig.src_netns = netns;
 	orig.gen = bpf_ktime_get_ns();
 	s->gen = orig.gen;
 	s->flags &= ~MI_SOCK_PENDING;
-	if (mi2_origdst.update(&s->key, &orig)) {
+	if (mi3_origdst.update(&s->key, &orig)) {
 		MI_COUNT(s->key_netns, map_errors, 1);
 		return MI_E_NOMEM;
 	}
@@ -156,7 +156,7 @@ static __always_inline int __mi_active_established(struct bpf_sock_ops *ctx)
 	bpf_sock_ops_cb_flags_set(ctx, BPF_SOCK_OPS_STATE_CB_FLAG);
 	mi_accelerate(ctx, s, netns);
 
-	struct mi_config *cfg = mi2_config.lookup(&netns);
+	struct mi_config *cfg = mi3_config.lookup(&netns);
 	ev.kind = MI_EV_ESTABLISHED;
 	ev.netns = netns;
 	ev.src_ip = self.local_ip;
@@ -189,10 +189,10 @@ static __always_inline int __mi_passive_steered(struct bpf_sock_ops *ctx, struct
 		return MI_E_EXCLUDED;
 	if (mi_addr_eq(&key->local_ip, &key->remote_ip))
 		return MI_E_OWNPOD;
-	pod = mi2_podip.lookup(&key->local_ip);
+	pod = mi3_podip.lookup(&key->local_ip);
 	if (!pod || pod->netns != key->netns)
 		return MI_E_NOTMANAGED;
-	s = mi2_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	s = mi3_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!s)
 		return MI_E_NOMEM;
 	s->flags |= MI_SOCK_STEERED;
@@ -228,14 +228,14 @@ static __always_inline int __mi_passive_established(struct bpf_sock_ops *ctx)
 	__u64 netns;
 
 	netns = bpf_get_netns_cookie(ctx);
-	cfg = mi2_config.lookup(&netns);
+	cfg = mi3_config.lookup(&netns);
 	if (!cfg || !sk)
 		return MI_E_NOTMANAGED; /* entries are only ever keyed by managed namespaces */
 	mi_own_tuple(ctx, netns, &key);
-	orig = mi2_origdst.lookup(&key);
+	orig = mi3_origdst.lookup(&key);
 	if (!orig)
 		return __mi_passive_steered(ctx, sk, cfg, &key);
-	s = mi2_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	s = mi3_sock.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!s)
 		return MI_E_NOMEM;
 	orig->flags |= MI_ORIG_CLAIMED;
@@ -272,12 +272,12 @@ static __always_inline int __mi_listen(struct bpf_sock_ops *ctx)
 	long err;
 
 	netns = bpf_get_netns_cookie(ctx);
-	cfg = mi2_config.lookup(&netns);
+	cfg = mi3_config.lookup(&netns);
 	if (!cfg || (cfg->flags & MI_CFG_INBOUND_TC) || ctx->local_port != cfg->inbound_port)
 		return MI_E_NOTMANAGED;
 	key.netns = netns;
 	key.family = ctx->family == MI_AF_INET6 ? 6 : 4;
-	err = mi2_listen.sock_hash_update(ctx, &key, BPF_ANY);
+	err = mi3_listen.sock_hash_update(ctx, &key, BPF_ANY);
 	if (err) {
 		MI_COUNT(netns, map_errors, 1);
 		return MI_E_NOMEM;
@@ -300,19 +300,19 @@ static __always_inline int __mi_closed(struct bpf_sock_ops *ctx)
 
 	if (!sk)
 		return MI_E_NOTMANAGED;
-	s = mi2_sock.sk_storage_get(sk, 0, 0);
+	s = mi3_sock.sk_storage_get(sk, 0, 0);
 	if (!s)
 		return MI_E_NOTMANAGED;
 	if (!(s->flags & (MI_SOCK_OWNS | MI_SOCK_WROTE)))
 		return MI_E_NOTMANAGED;
-	orig = mi2_origdst.lookup(&s->key);
+	orig = mi3_origdst.lookup(&s->key);
 	/* A newer connection may have reused the 4-tuple and replaced the entry. */
 	if (!orig || orig->gen != s->gen)
 		goto out;
 	/* The writer deletes only what nobody accepted (refused, reset, listener elsewhere). */
 	if (!(s->flags & MI_SOCK_OWNS) && (orig->flags & MI_ORIG_CLAIMED))
 		goto out;
-	mi2_origdst.delete(&s->key);
+	mi3_origdst.delete(&s->key);
 	MI_COUNT(s->key.netns, flows_closed, 1);
 out:
 	s->flags &= ~(MI_SOCK_OWNS | MI_SOCK_WROTE);

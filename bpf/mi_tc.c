@@ -134,11 +134,11 @@ static __always_inline int __mi_tc_ingress(struct __sk_buff *skb)
 		return ret;
 	mi_addr_v4(&key.local_ip, p.daddr);
 	mi_addr_v4(&key.remote_ip, p.saddr);
-	pod = mi2_podip.lookup(&key.local_ip);
+	pod = mi3_podip.lookup(&key.local_ip);
 	if (!pod)
 		return MI_E_NOTMANAGED;
 	netns = pod->netns;
-	cfg = mi2_config.lookup(&netns);
+	cfg = mi3_config.lookup(&netns);
 	if (!cfg || !(cfg->flags & MI_CFG_INBOUND_TC))
 		return MI_E_NOTMANAGED;
 	if (p.dport == cfg->inbound_port)
@@ -155,7 +155,7 @@ static __always_inline int __mi_tc_ingress(struct __sk_buff *skb)
 		orig.flags = MI_ORIG_INBOUND_TC;
 		orig.src_netns = netns;
 		orig.gen = bpf_ktime_get_ns();
-		if (mi2_origdst.update(&key, &orig)) {
+		if (mi3_origdst.update(&key, &orig)) {
 			MI_COUNT(netns, map_errors, 1);
 			return MI_E_NOMEM;
 		}
@@ -164,12 +164,12 @@ static __always_inline int __mi_tc_ingress(struct __sk_buff *skb)
 		mi_tc_event(cfg, MI_EV_TC_SYN, netns, &p, cfg->inbound_port);
 		return mi_set_port(skb, &p, 2, p.dport, cfg->inbound_port);
 	}
-	o = mi2_origdst.lookup(&key);
+	o = mi3_origdst.lookup(&key);
 	if (!o || !(o->flags & MI_ORIG_INBOUND_TC) || o->port != p.dport)
 		return MI_E_NOTMANAGED;
 	ret = mi_set_port(skb, &p, 2, p.dport, cfg->inbound_port);
 	if (mi_flow_done(o, p.tcp_flags, MI_ORIG_FIN_IN)) {
-		mi2_origdst.delete(&key);
+		mi3_origdst.delete(&key);
 		MI_COUNT(netns, flows_closed, 1);
 		mi_tc_event(cfg, MI_EV_TC_END, netns, &p, cfg->inbound_port);
 	}
@@ -192,24 +192,24 @@ static __always_inline int __mi_tc_egress(struct __sk_buff *skb)
 		return ret;
 	mi_addr_v4(&key.local_ip, p.saddr);
 	mi_addr_v4(&key.remote_ip, p.daddr);
-	pod = mi2_podip.lookup(&key.local_ip);
+	pod = mi3_podip.lookup(&key.local_ip);
 	if (!pod)
 		return MI_E_NOTMANAGED;
 	netns = pod->netns;
-	cfg = mi2_config.lookup(&netns);
+	cfg = mi3_config.lookup(&netns);
 	if (!cfg || !(cfg->flags & MI_CFG_INBOUND_TC) || p.sport != cfg->inbound_port)
 		return MI_E_NOTMANAGED;
 	key.netns = netns;
 	key.local_port = p.sport;
 	key.remote_port = p.dport;
-	o = mi2_origdst.lookup(&key);
+	o = mi3_origdst.lookup(&key);
 	/* Entries from connect4 (same-node inbound) keep the IN port: the client dialled it. */
 	if (!o || !(o->flags & MI_ORIG_INBOUND_TC))
 		return MI_E_NOTMANAGED;
 	orig_port = o->port;
 	ret = mi_set_port(skb, &p, 0, p.sport, orig_port);
 	if (mi_flow_done(o, p.tcp_flags, MI_ORIG_FIN_OUT)) {
-		mi2_origdst.delete(&key);
+		mi3_origdst.delete(&key);
 		MI_COUNT(netns, flows_closed, 1);
 		mi_tc_event(cfg, MI_EV_TC_END, netns, &p, orig_port);
 	}

@@ -44,7 +44,7 @@ for _label, _mode, _base, _vias in BACKENDS:
     globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls
 
 # --capture-dns, with the project's forwarder and with Debian's dnsmasq as the pod's DNS sidecar.
-for _label, _mode, _base, _vias in [b for b in BACKENDS if b[1] != "ebpf"]:  # ebpf: not yet
+for _label, _mode, _base, _vias in BACKENDS:
     for _dns in ("project", "dnsmasq"):
         _name = f"Test{_label}Dns{_dns.capitalize()}"
         _cls = type(_name, (DnsContract,), {"mode": _mode, "base_spec": dict(_base), "dns_sidecar": _dns,

@@ -18,7 +18,7 @@ from meshintercept.lab.cluster import TestCluster
 
 from meshintercept.backends.ebpf import maps as ebpf_maps
 from meshintercept.backends.ebpf import tc as ebpf_tc
-from meshintercept.backends.ebpf.pins import NodePins
+from meshintercept.backends.ebpf.pins import PROGRAMS, NodePins
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.root]
 
@@ -285,7 +285,7 @@ def test_disable_all_leaves_no_pin_attachment_filter_or_qdisc(world):
     lookup_link = client.node.manager().record(server.netns).extra["lookup_link"]
     assert os.path.exists(lookup_link)
     program_ids = [p["id"] for p in ebpf_maps.node_status(node.node)["programs"].values()]
-    assert len(program_ids) == 8
+    assert len(program_ids) == len(PROGRAMS)
     node.manager().disable_all()
     assert not os.path.exists(pin_dir)
 

@@ -38,7 +38,20 @@ def checker_source() -> str:
         lines += _asserts(f"struct {cname}", cls, {f: f for f, _ in cls._fields_}, size=True)
     for cls, (ctype, members) in uapi.C_LAYOUT.items():
         lines += _asserts(ctype, cls, members, size=False)
+    # the program and attach types the loader hands the kernel, by their <linux/bpf.h> names
+    for name in sorted(_loaded_type_names()):
+        lines.append(f"_Static_assert({name} == {getattr(uapi, name)}, \"{name} != {getattr(uapi, name)} (uapi.py)\");")
     return "\n".join(lines) + "\n"
+
+
+def _loaded_type_names() -> set:
+    from meshintercept.backends.ebpf.pins import CGROUP_LINKS, PROGRAMS
+
+    prog_types = {prog_type for _f, prog_type, _a in PROGRAMS.values()}
+    attach_types = {attach for _f, _t, attach in PROGRAMS.values()} | {a for _p, a in CGROUP_LINKS.values()}
+    names = {n for n in dir(uapi) if n.startswith("BPF_PROG_TYPE_") and getattr(uapi, n) in prog_types}
+    names |= {n for n in dir(uapi) if n.startswith(("BPF_CGROUP_", "BPF_SK_LOOKUP")) and getattr(uapi, n) in attach_types}
+    return names
 
 
 def _compile(text: str) -> None:
@@ -56,13 +69,17 @@ def test_c_and_ctypes_layouts_agree():
 @pytest.mark.parametrize("drift", [
     ("offsetof(struct mi_origin, port) == 16", "offsetof(struct mi_origin, port) == 18"),
     ("offsetof(union bpf_attr, link_create.attach_type) == 8", "offsetof(union bpf_attr, link_create.attach_type) == 12"),
-], ids=["common.h", "linux/bpf.h"])
+    ("_Static_assert(BPF_CGROUP_UDP4_RECVMSG == 19", "_Static_assert(BPF_CGROUP_UDP4_RECVMSG == 20"),
+], ids=["common.h", "linux/bpf.h", "attach type"])
 def test_the_checker_catches_a_drift(drift, capfd):
     """A checker that cannot fail proves nothing: move one field and expect its error."""
     source = checker_source()
     assert drift[0] in source
     with pytest.raises(Exception, match="compile"):
         _compile(source.replace(*drift))
+    if drift[0].startswith("_Static_assert("):
+        assert "static_assert failed due to requirement 'BPF_CGROUP_UDP4_RECVMSG == 20'" in capfd.readouterr().err
+        return
     member = drift[0].split("(", 1)[1].split(")", 1)[0]
     assert f"offsetof({member}) != " in capfd.readouterr().err  # bcc's clang names the field
 
@@ -85,7 +102,8 @@ def test_constants_match_the_header():
                         ("MI_ORIG_INBOUND_TC", T.ORIG_INBOUND_TC), ("MI_ORIG_CLAIMED", T.ORIG_CLAIMED),
                         ("MI_FEAT_ACCELERATE", T.FEAT_ACCELERATE), ("MI_FEAT_LOOKUP", T.FEAT_LOOKUP),
                         ("MI_CFG_INBOUND_TC", T.CFG_INBOUND_TC), ("MI_CFG_IPV4", T.CFG_IPV4),
-                        ("MI_CFG_IPV6", T.CFG_IPV6), ("MI_SOCK_STEERED", T.SOCK_STEERED)):
+                        ("MI_CFG_IPV6", T.CFG_IPV6), ("MI_SOCK_STEERED", T.SOCK_STEERED), ("MI_CFG_DNS", T.CFG_DNS),
+                        ("MI_ORIG_DNS", T.ORIG_DNS), ("MI_SOCK_DNS_ASKED", T.SOCK_DNS_ASKED)):
         assert define(name) == value, name
     for kind in T.EVENT_KINDS:
         assert kind in {define(n) for n in [l.split()[1] for l in text.splitlines() if l.startswith("#define MI_EV_")]}

@@ -18,18 +18,28 @@ from . import types as T
 from meshintercept.errors import UsageError
 from meshintercept.interceptor import Check, Interceptor, Metric
 from meshintercept.netns import Netns
-from meshintercept.spec import InterceptSpec
+from meshintercept.spec import DNS_PORT, InterceptSpec
 from meshintercept.state import NamespaceRecord
 
 from . import addrs
 from . import maps as nsmaps
-from .pins import NodePins
+from .pins import CGROUP_LINKS, NodePins
 
 
 def _check_limits(spec: InterceptSpec) -> None:
     problems = T.limit_problems(spec)
     if problems:
         raise UsageError("; ".join(problems) + "; merge ports or CIDRs into fewer entries.")
+
+
+def _dns_plan(spec: InterceptSpec) -> str:
+    if DNS_PORT in spec.exclude_outbound_ports:
+        return "dns: not captured (port 53 is an excluded outbound port)"
+    return (f"dns: UDP and TCP to port 53 of any address but loopback, not from uid {spec.proxy_uid}, "
+            f"not to excluded CIDRs -> 127.0.0.1/[::1]:{spec.dns_port} (connect4/6 for TCP and connected UDP, "
+            f"sendmsg4/6 for sendto); replies and peers shown as the server asked (recvmsg4/6, getpeername4/6); "
+            f"the DNS sidecar learns each UDP query's server by getsockopt(SO_ORIGINAL_DST) on a UDP socket "
+            f"connected to the client")
 
 
 def _family_notes(netns: Netns, families: Dict[str, str]) -> List[str]:
@@ -39,7 +49,8 @@ def _family_notes(netns: Netns, families: Dict[str, str]) -> List[str]:
 
 class EbpfInterceptor(Interceptor):
     name = "ebpf"
-    description = "cgroup connect4/connect6/sockops/getsockopt + sk_lookup (or tc) inbound"
+    description = ("cgroup connect4/connect6/sockops/getsockopt + sk_lookup (or tc) inbound; "
+                   "sendmsg/recvmsg/getpeername for --capture-dns")
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -165,13 +176,15 @@ class EbpfInterceptor(Interceptor):
         lines = []
         if not pins.loaded():
             lines.append(f"load: compile bpf/*.c with bcc, pin programs and maps under {pins.dir}, "
-                         f"attach connect4/connect6/sockops/getsockopt to cgroup {self.node.cgroup} with bpf links")
+                         f"attach {'/'.join(CGROUP_LINKS)} to cgroup {self.node.cgroup} with bpf links")
         cfg = T.config_to_dict(T.config_from_spec(spec, families=captured))
         lines.append(f"config map: set netns cookie {cookie} ({netns.name}) = {cfg}")
         ips = [p["ip"] for p in found.pod_ips() if ("ipv6" if ":" in p["ip"] else "ipv4") in captured]
         lines.append(f"pod IP map: {', '.join(ips) or 'none'} -> cookie {cookie}")
         for family, why in families.items():
             lines.append(f"{family}: {why}")
+        if spec.capture_dns:
+            lines.append(_dns_plan(spec))
         if spec.inbound_path == T.INBOUND_TC:
             lines.append(f"tc: clsact ingress/egress filters (prio {0x4D49}; tcx links pinned under {pins.dir} with "
                          f"--tc-attach tcx) on each interface of {netns.name} with an IPv4 address")

@@ -31,7 +31,8 @@ BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_BPFFS = "/sys/fs/bpf"
 
 #: Concatenated in this order into bcc's main file: bcc only rewrites map calls there.
-SOURCES = ("lib/helpers.h", "mi_connect.c", "mi_sockops.c", "mi_getsockopt.c", "mi_lookup.c", "mi_tc.c", "mi_redir.c")
+SOURCES = ("lib/helpers.h", "lib/dns.h", "mi_connect.c", "mi_sendmsg.c", "mi_recvmsg.c", "mi_getpeername.c",
+           "mi_sockops.c", "mi_getsockopt.c", "mi_lookup.c", "mi_tc.c", "mi_redir.c")
 CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined", "-Wno-compare-distinct-pointer-types")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -194,14 +195,14 @@ def load(node: Node) -> List[str]:
         features = T.FEAT_LOOKUP
         if "msg_redirect" in prog_fds:
             try:
-                bpfsys.prog_attach(prog_fds["msg_redirect"], _map_fd(bpf, "mi2_sockhash"),
+                bpfsys.prog_attach(prog_fds["msg_redirect"], _map_fd(bpf, "mi3_sockhash"),
                                    bpfsys.BPF_SK_MSG_VERDICT)
                 features |= T.FEAT_ACCELERATE
             except OSError as exc:
                 warnings.append(f"acceleration unavailable: sk_msg would not attach to the sockhash ({exc.strerror})")
         meta = T.Meta(layout_version=T.LAYOUT_VERSION, features=features, build_hash=build_hash(),
                       loaded_at_ns=time.time_ns())
-        bpfsys.TypedMap(_map_fd(bpf, "mi2_meta"), ctypes.c_uint32, T.Meta).put(0, meta)
+        bpfsys.TypedMap(_map_fd(bpf, "mi3_meta"), ctypes.c_uint32, T.Meta).put(0, meta)
         for link_name, (prog_name, attach_type) in CGROUP_LINKS.items():
             try:
                 fd = bpfsys.link_create(prog_fds[prog_name], cgroup_fd, attach_type)

@@ -4,15 +4,17 @@ Layout under the node's pin directory (bpffs):
 
     <pin_dir>/v<LAYOUT>/map_<name>    maps   (config, podip, origdst, counters, sock,
                                                sockhash, listen, events, meta)
-    <pin_dir>/v<LAYOUT>/prog_<name>   programs (connect4, connect6, sockops, getsockopt,
-                                               lookup, tc_ingress, tc_egress, msg_redirect)
+    <pin_dir>/v<LAYOUT>/prog_<name>   programs (connect4, connect6, sendmsg4, sendmsg6,
+                                               recvmsg4, recvmsg6, getpeername4, getpeername6,
+                                               sockops, getsockopt, lookup, tc_ingress,
+                                               tc_egress, msg_redirect)
     <pin_dir>/v<LAYOUT>/link_<name>   bpf links holding the cgroup attachments:
                                       unpinning (after LINK_DETACH) detaches them
     <pin_dir>/v<LAYOUT>/link_lookup_<netns cookie>
                                       a pod namespace's sk_lookup link (inbound path)
     <pin_dir>/v<LAYOUT>/link_tcx_...  a pod interface's tcx links (tc inbound path, opt-in)
 
-The layout version is in the directory name and in every kernel map name (``mi2_*``), so a
+The layout version is in the directory name and in every kernel map name (``mi3_*``), so a
 node loaded by a build with another layout is recognised, never misread: this build loads
 its own set beside it and moves the namespaces over (upgrade.py).
 """
@@ -35,22 +37,29 @@ LOADING_RE = re.compile(r"^loading-v\d+-\d+$")  # bpffs refuses names with dots
 #: pin name -> (kernel map name, key ctypes, value ctypes, per-CPU); None where the map's
 #: keys or values are not data (socket storage, sockets, ring buffer records).
 MAPS = {
-    "config": ("mi2_config", ctypes.c_uint64, T.Config, False),
-    "podip": ("mi2_podip", T.Addr, T.Pod, False),  # key: the address, IPv4 v4-mapped
-    "origdst": ("mi2_origdst", T.Tuple, T.Origin, False),
-    "counters": ("mi2_counters", ctypes.c_uint64, T.Counters, True),
-    "sock": ("mi2_sock", None, T.Sock, False),
-    "sockhash": ("mi2_sockhash", T.Tuple, None, False),  # values are sockets: keys only
+    "config": ("mi3_config", ctypes.c_uint64, T.Config, False),
+    "podip": ("mi3_podip", T.Addr, T.Pod, False),  # key: the address, IPv4 v4-mapped
+    "origdst": ("mi3_origdst", T.Tuple, T.Origin, False),
+    "counters": ("mi3_counters", ctypes.c_uint64, T.Counters, True),
+    "sock": ("mi3_sock", None, T.Sock, False),
+    "sockhash": ("mi3_sockhash", T.Tuple, None, False),  # values are sockets: keys only
     # inbound listeners: a put takes a socket fd, a get returns that socket's cookie
-    "listen": ("mi2_listen", T.ListenKey, ctypes.c_uint64, False),
-    "events": ("mi2_events", None, T.Event, False),
-    "meta": ("mi2_meta", ctypes.c_uint32, T.Meta, False),
+    "listen": ("mi3_listen", T.ListenKey, ctypes.c_uint64, False),
+    "events": ("mi3_events", None, T.Event, False),
+    "meta": ("mi3_meta", ctypes.c_uint32, T.Meta, False),
 }
 
 #: program pin name -> (function in bpf/, bpf prog type, expected attach type or -1)
 PROGRAMS = {
     "connect4": ("mi_connect4", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_INET4_CONNECT),
     "connect6": ("mi_connect6", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_INET6_CONNECT),
+    # --capture-dns: unconnected UDP queries, replies' source, DNS peers
+    "sendmsg4": ("mi_sendmsg4", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_UDP4_SENDMSG),
+    "sendmsg6": ("mi_sendmsg6", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_UDP6_SENDMSG),
+    "recvmsg4": ("mi_recvmsg4", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_UDP4_RECVMSG),
+    "recvmsg6": ("mi_recvmsg6", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_UDP6_RECVMSG),
+    "getpeername4": ("mi_getpeername4", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_INET4_GETPEERNAME),
+    "getpeername6": ("mi_getpeername6", uapi.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, uapi.BPF_CGROUP_INET6_GETPEERNAME),
     "sockops": ("mi_sockops", uapi.BPF_PROG_TYPE_SOCK_OPS, -1),
     "getsockopt": ("mi_getsockopt", uapi.BPF_PROG_TYPE_CGROUP_SOCKOPT, uapi.BPF_CGROUP_GETSOCKOPT),
     "lookup": ("mi_lookup", uapi.BPF_PROG_TYPE_SK_LOOKUP, uapi.BPF_SK_LOOKUP),
@@ -63,6 +72,12 @@ PROGRAMS = {
 CGROUP_LINKS = {
     "connect4": ("connect4", uapi.BPF_CGROUP_INET4_CONNECT),
     "connect6": ("connect6", uapi.BPF_CGROUP_INET6_CONNECT),
+    "sendmsg4": ("sendmsg4", uapi.BPF_CGROUP_UDP4_SENDMSG),
+    "sendmsg6": ("sendmsg6", uapi.BPF_CGROUP_UDP6_SENDMSG),
+    "recvmsg4": ("recvmsg4", uapi.BPF_CGROUP_UDP4_RECVMSG),
+    "recvmsg6": ("recvmsg6", uapi.BPF_CGROUP_UDP6_RECVMSG),
+    "getpeername4": ("getpeername4", uapi.BPF_CGROUP_INET4_GETPEERNAME),
+    "getpeername6": ("getpeername6", uapi.BPF_CGROUP_INET6_GETPEERNAME),
     "sockops": ("sockops", uapi.BPF_CGROUP_SOCK_OPS),
     "getsockopt": ("getsockopt", uapi.BPF_CGROUP_GETSOCKOPT),
 }

@@ -37,11 +37,14 @@ def decode(raw: bytes, names: Optional[Dict[int, str]] = None) -> dict:
         "to": T.endpoint_text(ev.new_ip, ev.new_port) if ev.new_port and not T.is_zero(ev.new_ip) else
         (f":{ev.new_port}" if ev.new_port else None),
         "reason": T.REASONS.get(ev.reason, str(ev.reason)) if ev.reason else "",
+        "proto": T.PROTOCOLS.get(ev.proto),
     }
 
 
 def format_line(event: dict) -> str:
     parts = [event["namespace"], event["event"]]
+    if event.get("proto") and event["event"].startswith("dns"):  # DNS goes both ways; the rest is TCP
+        parts.append(event["proto"])
     if event["src"]:
         parts.append(f"src={event['src']}")
     if event["dst"]:

@@ -14,7 +14,7 @@ import ctypes
 import ipaddress
 from typing import Dict, Iterable
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAX_PORTS = 64
 MAX_CIDRS = 32
 MAX_NAMESPACES = 4096
@@ -25,6 +25,7 @@ CFG_ACCELERATE = 0x2
 CFG_INBOUND_TC = 0x4
 CFG_IPV4 = 0x8
 CFG_IPV6 = 0x10
+CFG_DNS = 0x20
 
 ORIG_OUTBOUND = 0x1
 ORIG_INBOUND_LOCAL = 0x2
@@ -32,8 +33,10 @@ ORIG_INBOUND_TC = 0x4
 ORIG_CLAIMED = 0x8
 ORIG_FIN_IN = 0x10
 ORIG_FIN_OUT = 0x20
+ORIG_DNS = 0x40
 
 SOCK_STEERED = 0x4000
+SOCK_DNS_ASKED = 0x8000
 
 FEAT_ACCELERATE = 0x1
 FEAT_LOOKUP = 0x2
@@ -45,14 +48,15 @@ INBOUND_TC = "tc"
 EVENT_KINDS = {
     1: "connect-out", 2: "connect-in", 3: "connect-skip", 4: "established", 5: "claimed", 6: "closed",
     7: "origdst", 8: "origdst-miss", 9: "tc-syn", 10: "tc-end", 11: "msg-pass", 12: "msg-redirect",
-    13: "steered", 14: "refused", 15: "listener",
+    13: "steered", 14: "refused", 15: "listener", 16: "dns", 17: "dns-skip", 18: "dns-restored", 19: "dns-asked",
 }
+PROTOCOLS = {6: "tcp", 17: "udp"}
 
 #: Worker return codes (negative errno) -> why the programs left something alone.
 REASONS = {0: "", -2: "not managed", -1: "excluded", -114: "proxy's own traffic", -40: "loopback destination",
            -18: "proxy to its own pod", -12: "out of memory/map full", -28: "buffer too small",
            -93: "not IPv4/IPv6 TCP", -97: "family not intercepted", -115: "destination steers its own inbound",
-           -111: "no inbound listener (refused)"}
+           -111: "no inbound listener (refused)", -61: "DNS capture off or port 53 excluded"}
 
 
 class Addr(ctypes.Structure):
@@ -74,7 +78,8 @@ class Config(ctypes.Structure):
         ("n_exclude_in_ports", ctypes.c_uint16),
         ("n_include_in_ports", ctypes.c_uint16),
         ("n_exclude_out_cidrs", ctypes.c_uint16),
-        ("pad", ctypes.c_uint32),
+        ("dns_port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
         ("exclude_out_ports", ctypes.c_uint16 * MAX_PORTS),
         ("exclude_in_ports", ctypes.c_uint16 * MAX_PORTS),
         ("include_in_ports", ctypes.c_uint16 * MAX_PORTS),
@@ -113,7 +118,8 @@ class Sock(ctypes.Structure):
         ("orig_ip", Addr),
         ("orig_port", ctypes.c_uint16),
         ("flags", ctypes.c_uint16),
-        ("pad", ctypes.c_uint32),
+        ("redirect_port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
         ("key_netns", ctypes.c_uint64),
         ("gen", ctypes.c_uint64),
         ("key", Tuple),
@@ -128,7 +134,7 @@ class ListenKey(ctypes.Structure):
 COUNTER_FIELDS = (
     "redirected_out", "inbound_same_node", "inbound_cross_node", "origdst_answers", "origdst_misses",
     "msg_redirects", "msg_redirect_bytes", "msg_passes", "map_errors", "flows_closed",
-    "inbound_steered", "inbound_refused", "listeners", "redirected_out6",
+    "inbound_steered", "inbound_refused", "listeners", "redirected_out6", "dns_redirected", "dns_restored",
 )
 
 
@@ -150,7 +156,7 @@ class Event(ctypes.Structure):
         ("src_port", ctypes.c_uint16),
         ("dst_port", ctypes.c_uint16),
         ("new_port", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16),
+        ("proto", ctypes.c_uint16),
     ]
 
 
@@ -223,7 +229,9 @@ def config_from_spec(spec, accelerate: bool = None, families: Iterable[str] = ("
     families = set(families)
     cfg.flags = ((CFG_DEBUG if spec.debug else 0) | (CFG_ACCELERATE if accelerate else 0)
                  | (CFG_INBOUND_TC if spec.inbound_path == INBOUND_TC else 0)
-                 | (CFG_IPV4 if "ipv4" in families else 0) | (CFG_IPV6 if "ipv6" in families else 0))
+                 | (CFG_IPV4 if "ipv4" in families else 0) | (CFG_IPV6 if "ipv6" in families else 0)
+                 | (CFG_DNS if spec.capture_dns else 0))
+    cfg.dns_port = spec.dns_port if spec.capture_dns else 0
     cfg.n_exclude_out_ports = _fill(cfg.exclude_out_ports, spec.exclude_outbound_ports)
     cfg.n_exclude_in_ports = _fill(cfg.exclude_in_ports, spec.exclude_inbound_ports)
     cfg.n_include_in_ports = _fill(cfg.include_in_ports, spec.include_inbound_ports)
@@ -235,11 +243,8 @@ def config_from_spec(spec, accelerate: bool = None, families: Iterable[str] = ("
 
 
 def limit_problems(spec) -> list:
-    """Sentences for every list of the spec longer than the programs hold (never truncate), and
-    for what the programs cannot do yet."""
+    """Sentences for every list of the spec longer than the programs hold (never truncate)."""
     out = []
-    if spec.capture_dns:
-        out.append("the ebpf mode does not capture DNS yet (use --mode iptables for --capture-dns)")
     for what, values, limit in (
         ("excluded outbound ports", spec.exclude_outbound_ports, MAX_PORTS),
         ("excluded inbound ports", spec.exclude_inbound_ports, MAX_PORTS),
@@ -272,6 +277,8 @@ def config_to_dict(cfg: Config) -> Dict:
         "accelerate": bool(cfg.flags & CFG_ACCELERATE),
         "inbound_path": INBOUND_TC if cfg.flags & CFG_INBOUND_TC else INBOUND_LOOKUP,
         "families": config_families(cfg),
+        "capture_dns": bool(cfg.flags & CFG_DNS),
+        "dns_port": cfg.dns_port if cfg.flags & CFG_DNS else None,
         "exclude_outbound_ports": list(cfg.exclude_out_ports[: cfg.n_exclude_out_ports]),
         "exclude_inbound_ports": list(cfg.exclude_in_ports[: cfg.n_exclude_in_ports]),
         "include_inbound_ports": list(cfg.include_in_ports[: cfg.n_include_in_ports]),
@@ -283,7 +290,7 @@ def origin_flags_text(flags: int) -> str:
     names = []
     for bit, name in ((ORIG_OUTBOUND, "outbound"), (ORIG_INBOUND_LOCAL, "inbound-same-node"),
                       (ORIG_INBOUND_TC, "inbound-cross-node"), (ORIG_CLAIMED, "accepted"),
-                      (ORIG_FIN_IN, "fin-in"), (ORIG_FIN_OUT, "fin-out")):
+                      (ORIG_FIN_IN, "fin-in"), (ORIG_FIN_OUT, "fin-out"), (ORIG_DNS, "dns")):
         if flags & bit:
             names.append(name)
     return ",".join(names)

@@ -40,9 +40,10 @@ from . import bpfsys
 from .pins import LAYOUT_DIR, LAYOUT_RE, layout_dirs
 
 #: Hooks whose old links go as soon as every namespace is in the new set: they decide where
-#: new connections go. getsockopt and sockops stay for the grace period: they serve
-#: connections the old set already redirected.
-STEERING_LINKS = ("link_connect4", "link_connect6")
+#: new connections (and, from layout 3, new unconnected DNS queries) go. getsockopt, sockops,
+#: recvmsg and getpeername stay for the grace period: they serve connections and replies of
+#: queries the old set already redirected. A hook an old layout did not have is skipped.
+STEERING_LINKS = ("link_connect4", "link_connect6", "link_sendmsg4", "link_sendmsg6")
 DEFAULT_GRACE_SECONDS = 2.0
 
 

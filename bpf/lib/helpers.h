@@ -30,10 +30,13 @@
 #define MI_E_FAMILY (-97)    /* -EAFNOSUPPORT: a family the namespace's spec leaves alone */
 #define MI_E_LOOKUP (-115)   /* -EINPROGRESS: the destination steers its own inbound (sk_lookup) */
 #define MI_E_NOLISTENER (-111) /* -ECONNREFUSED: no inbound listener, refused (fail closed) */
+#define MI_E_NODNS (-61)       /* -ENODATA: DNS capture is off, or port 53 is excluded */
+#define MI_QUIET 1             /* not ours to decide (UDP that is not DNS): no event, no count */
 
 #define MI_AF_INET 2
 #define MI_AF_INET6 10
 #define MI_IPPROTO_TCP 6
+#define MI_IPPROTO_UDP 17
 #define MI_SOL_IP 0
 #define MI_SOL_IPV6 41
 #define MI_SO_ORIGINAL_DST 80 /* IP6T_SO_ORIGINAL_DST is 80 too, at SOL_IPV6 */
@@ -92,6 +95,24 @@ static __always_inline void mi_addr_v4(struct mi_addr *a, __be32 ip)
 		MI_CTX_WORD(__mi_v4, (field));        \
 		mi_addr_v4((a), __mi_v4);             \
 	} while (0)
+
+/*
+ * A sock_addr program (connect, sendmsg, recvmsg, getpeername) shows the kernel another
+ * address: IPv4 as one word (v4-mapped addresses are stored whole, the word is the last
+ * one), IPv6 as one 4-byte store per word, which is what the context accepts.
+ */
+static __always_inline void mi_ctx_set(struct bpf_sock_addr *ctx, int v6, const struct mi_addr *ip, __u16 port)
+{
+	if (v6) {
+		ctx->user_ip6[0] = ip->w[0];
+		ctx->user_ip6[1] = ip->w[1];
+		ctx->user_ip6[2] = ip->w[2];
+		ctx->user_ip6[3] = ip->w[3];
+	} else {
+		ctx->user_ip4 = ip->w[3];
+	}
+	ctx->user_port = mi_htons(port);
+}
 
 static __always_inline int mi_addr_is_v4(const struct mi_addr *a)
 {
@@ -167,6 +188,22 @@ static __always_inline int mi_cidr_excluded(const struct mi_config *cfg, const s
 	return 0;
 }
 
+/*
+ * The outbound rule every redirect shares (InterceptSpec.outbound_redirected, and for DNS
+ * dns_captured): the family is captured, the port and the address are not excluded. Loopback
+ * and the proxy UID are the callers' tests: each hook treats them its own way.
+ */
+static __always_inline int mi_dest_excluded(const struct mi_config *cfg, const struct mi_addr *ip, __u16 port)
+{
+	if (!mi_family_on(cfg, ip))
+		return MI_E_FAMILY;
+	if (mi_port_in(cfg->exclude_out_ports, cfg->n_exclude_out_ports, port))
+		return MI_E_EXCLUDED;
+	if (mi_cidr_excluded(cfg, ip))
+		return MI_E_EXCLUDED;
+	return MI_OK;
+}
+
 /* Same rule as InterceptSpec.inbound_redirected: the proxy's own ports never. */
 static __always_inline int mi_inbound_redirected(const struct mi_config *cfg, __u16 port)
 {
@@ -184,7 +221,7 @@ static __always_inline int mi_inbound_redirected(const struct mi_config *cfg, __
 
 static __always_inline void mi_count(__u64 netns, __u32 idx, __u64 n)
 {
-	struct mi_counters *c = mi2_counters.lookup(&netns);
+	struct mi_counters *c = mi3_counters.lookup(&netns);
 
 	if (c)
 		((__u64 *)c)[idx] += n;
@@ -208,7 +245,7 @@ static __always_inline void mi_emit(const struct mi_config *cfg, struct mi_event
 	if (!cfg || !(cfg->flags & MI_CFG_DEBUG))
 		return;
 	ev->ts_ns = bpf_ktime_get_ns();
-	mi2_events.ringbuf_output(ev, sizeof(*ev), 0);
+	mi3_events.ringbuf_output(ev, sizeof(*ev), 0);
 }
 
 static __always_inline void mi_task_ids(struct mi_event *ev)
