@@ -336,7 +336,10 @@ def doctor(session, as_json):
 @click.option("--mode", envvar=_env("mode"), default="iptables", show_default=True, metavar="MODE",
               help="Interception backend to demonstrate: iptables, nftables or ebpf.")
 @click.option("--keep", is_flag=True, help="Leave the cluster up until Enter is pressed (to look around).")
-def demo(mode, keep):
+@click.option("--capture-dns", is_flag=True,
+              help="Also send pod curl's DNS to its sidecar, the only one that knows the service's name: "
+                   "getent resolves it and curl calls the service by name.")
+def demo(mode, keep, capture_dns):
     """Run the seed's walk-through on this machine, then tear it all down.
 
     Builds a two-node cluster out of network namespaces (10.231.0.0/16, child cgroups,
@@ -346,7 +349,7 @@ def demo(mode, keep):
     """
     from meshintercept.demo import run_demo
 
-    run_demo(mode, keep=keep, echo=click.echo)
+    run_demo(mode, keep=keep, echo=click.echo, capture_dns=capture_dns)
 
 
 @cli.command()

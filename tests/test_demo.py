@@ -46,3 +46,18 @@ def test_demo_shows_both_answers_and_cleans_up(mode):
     # Only this run's cluster is checked: another demo may run on the machine at the same time.
     cluster_id = re.search(r"pin dir /sys/fs/bpf/(mi-demo-[0-9a-f]+)-node1", proc.stdout).group(1)
     assert _leftovers(cluster_id) == []
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables", "ebpf"])
+def test_demo_with_capture_dns_resolves_the_service_name_in_the_sidecar(mode):
+    if not _mode_usable(mode):
+        pytest.skip(f"mode {mode} is not usable here yet")
+    proc = subprocess.run([EXE, "demo", "--mode", mode, "--capture-dns"], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    # nothing listens on the pod's nameserver: only the sidecar knows the name
+    assert re.search(r"^10\.231\.200\.1\s+pipy-ok\.mesh$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^  curl +dns +(udp|tcp) from .* pipy-ok\.mesh: answered local$", proc.stdout, re.M)
+    assert proc.stdout.count("Hi, I am pipy ok v") == 5  # four by address, one by name
+    cluster_id = re.search(r"pin dir /sys/fs/bpf/(mi-demo-[0-9a-f]+)-node1", proc.stdout).group(1)
+    assert _leftovers(cluster_id) == []
