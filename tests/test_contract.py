@@ -8,7 +8,7 @@ as without acceleration: the event-driven project sidecar and HAProxy.
 
 import pytest
 
-from meshintercept.lab.contract import BackendContract, DnsContract, HttpSidecarContract
+from meshintercept.lab.contract import BackendContract, DnsContract, DnsForwardingContract, HttpSidecarContract
 
 pytestmark = pytest.mark.root
 
@@ -47,7 +47,8 @@ for _label, _mode, _base, _vias in BACKENDS:
 for _label, _mode, _base, _vias in BACKENDS:
     for _dns in ("project", "dnsmasq"):
         _name = f"Test{_label}Dns{_dns.capitalize()}"
-        _cls = type(_name, (DnsContract,), {"mode": _mode, "base_spec": dict(_base), "dns_sidecar": _dns,
+        _base_cls = DnsForwardingContract if _dns == "project" else DnsContract
+        _cls = type(_name, (_base_cls,), {"mode": _mode, "base_spec": dict(_base), "dns_sidecar": _dns,
                                             "vias": tuple(v for v in ("ipv4", "ipv6") if v in _vias),
                                             "__module__": __name__, "__qualname__": _name})
         globals()[_name] = pytest.mark.ebpf(_cls) if _mode == "ebpf" else _cls
