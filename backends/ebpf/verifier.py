@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from . import bpfsys, uapi
 from meshintercept.errors import BackendFailure, ModeUnavailable, NotPermitted
@@ -160,21 +161,36 @@ def _helper_name(name: str, number: int) -> str:
 _HELPERS: Optional[Dict[int, str]] = None
 
 
+def _uapi_headers() -> List[str]:
+    """The UAPI bpf.h files a node may have: linux-libc-dev's, then the kernel headers bcc
+    compiles against (which the ebpf mode needs anyway), newest first."""
+    release = os.uname().release
+    paths = ["/usr/include/linux/bpf.h"]
+    paths += [os.path.join("/lib/modules", release, d, "include/uapi/linux/bpf.h") for d in ("source", "build")]
+    paths += sorted(glob.glob("/usr/src/linux-headers-*/include/uapi/linux/bpf.h"), reverse=True)
+    return paths
+
+
+def parse_helper_names(text: str) -> Dict[int, str]:
+    """Helper number -> bpf_<name> from a UAPI bpf.h: ``FN(name)`` in order up to 6.1's header,
+    ``FN(name, id, ##ctx)`` with explicit numbers from 6.2's."""
+    names = re.findall(r"^\s*FN\((\w+)(?:,\s*(\d+))?", text, re.M)
+    return {int(num) if num else i: f"bpf_{name}" for i, (name, num) in enumerate(names)}
+
+
 def helper_names() -> Dict[int, str]:
-    """Helper number -> bpf_<name>, from __BPF_FUNC_MAPPER in the UAPI bpf.h at hand."""
+    """Helper number -> bpf_<name>, from the first UAPI bpf.h at hand (`_uapi_headers`)."""
     global _HELPERS
     if _HELPERS is None:
         _HELPERS = {}
-        for path in ("/usr/include/linux/bpf.h",):
+        for path in _uapi_headers():
             try:
                 with open(path) as f:
-                    text = f.read()
+                    _HELPERS = parse_helper_names(f.read())
             except OSError:
                 continue
-            block = text.split("#define __BPF_FUNC_MAPPER", 1)[-1].split("\n\n", 1)[0]
-            names = re.findall(r"FN\((\w+)", block)
-            _HELPERS = {i: f"bpf_{n}" for i, n in enumerate(names)}
-            break
+            if _HELPERS:
+                break
     return _HELPERS
 
 
