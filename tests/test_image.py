@@ -65,9 +65,13 @@ def image(tmp_path_factory, test_prefix):
     work = tmp_path_factory.mktemp("image")
     podman = agent_image.Podman(agent_image.write_containers_conf(str(work / "containers.conf")))
     podman.sweep(test_prefix)
-    built = agent_image.ensure_image(podman, str(work / "build.log"))
-    print(f"\nimage {built['image']}: {'built' if built['built'] else 'cached'} in {built['seconds']:.0f} s")
-    return built["image"]
+    existed = agent_image.default_parents()
+    try:
+        built = agent_image.ensure_image(podman, str(work / "build.log"))
+        print(f"\nimage {built['image']}: {'built' if built['built'] else 'cached'} in {built['seconds']:.0f} s")
+        yield built["image"]
+    finally:
+        agent_image.remove_default_parents(existed)
 
 
 class AgentNode:

@@ -116,12 +116,36 @@ def cgroup_parent(cgroup: str) -> str:
     return "/" + os.path.relpath(cgroup, root)
 
 
+#: Where podman (cgroupfs manager) puts what it runs without --cgroup-parent: the image build,
+#: one-off runs. It makes the directory in every hierarchy and never removes it.
+DEFAULT_PARENT = "/libpod_parent"
+
+
+def _cgroup_roots() -> List[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
+
+
+def default_parents() -> List[str]:
+    """Podman's default parent cgroup in each hierarchy, where it exists now."""
+    return [root + DEFAULT_PARENT for root in _cgroup_roots() if os.path.isdir(root + DEFAULT_PARENT)]
+
+
+def remove_default_parents(existed: Sequence[str]) -> None:
+    """Remove the default parents podman made since ``existed`` was taken, once they are empty
+    (their conmon cgroups first)."""
+    for path in default_parents():
+        if path in existed:
+            continue
+        for leftover in sorted((d for d, _, _ in os.walk(path)), key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(leftover)
+
+
 def remove_parent_cgroups(parent: str, keep: str) -> None:
     """What podman leaves of a --cgroup-parent once its containers are gone: conmon's cgroup,
     and with cgroup v1 the parent in every v1 hierarchy (``keep``, the v2 one, is the lab's)."""
-    with open("/proc/self/mounts") as f:
-        roots = [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
-    for root in roots:
+    for root in _cgroup_roots():
         path = root + parent
         for leftover in (os.path.join(path, "conmon"), path if path != keep else None):
             if leftover and os.path.isdir(leftover):
