@@ -56,6 +56,17 @@ def compile_text(text: str):
     return BPF(text=text.encode(), cflags=list(loader.CFLAGS))
 
 
+def refused_as_tc(text: str, name: str) -> ProgramRefused:
+    """Load ``mi_test_NAME`` of ``text`` as a tc program, expecting the refusal it raises."""
+    bpf = compile_text(text)
+    try:
+        with pytest.raises(ProgramRefused) as caught:
+            verifier.load(bpf, name, f"mi_test_{name}", bpfsys.BPF_PROG_TYPE_SCHED_CLS)
+    finally:
+        bpf.cleanup()
+    return caught.value
+
+
 def read_log(name: str) -> str:
     with open(os.path.join(LOGS, name)) as f:
         return f.read()
@@ -128,16 +139,11 @@ int mi_test_trivial(struct bpf_sock_addr *ctx)
 @pytest.mark.root
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to load programs")
 def test_a_too_complex_program_is_named_with_the_instruction_count():
-    bpf = compile_text(TOO_COMPLEX)
-    try:
-        with pytest.raises(ProgramRefused) as caught:
-            verifier.load(bpf, "too_complex", "mi_test_too_complex", bpfsys.BPF_PROG_TYPE_SCHED_CLS)
-    finally:
-        bpf.cleanup()
-    refusal = caught.value.refusal
+    caught = refused_as_tc(TOO_COMPLEX, "too_complex")
+    refusal = caught.refusal
     assert refusal.kind == "complexity", (refusal, refusal.log[-2000:])
     assert refusal.insns and refusal.insns > 1000
-    message = caught.value.message
+    message = caught.message
     assert message.startswith("program too_complex is too complex for this kernel's verifier (")
     assert f"{refusal.insns} instructions processed" in message
     assert "Bad address" not in message
@@ -147,16 +153,11 @@ def test_a_too_complex_program_is_named_with_the_instruction_count():
 @pytest.mark.root
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to load programs")
 def test_a_helper_the_program_type_may_not_call_is_named():
-    bpf = compile_text(WRONG_HELPER)
-    try:
-        with pytest.raises(ProgramRefused) as caught:
-            verifier.load(bpf, "wrong_helper", "mi_test_wrong_helper", bpfsys.BPF_PROG_TYPE_SCHED_CLS)
-    finally:
-        bpf.cleanup()
-    refusal = caught.value.refusal
+    caught = refused_as_tc(WRONG_HELPER, "wrong_helper")
+    refusal = caught.refusal
     assert refusal.kind == "helper", (refusal, refusal.log)
     assert refusal.feature == "bpf_sock_ops_cb_flags_set() in sched_cls (tc) programs"
-    assert "has no bpf_sock_ops_cb_flags_set() in sched_cls (tc) programs" in caught.value.message
+    assert "has no bpf_sock_ops_cb_flags_set() in sched_cls (tc) programs" in caught.message
     assert isinstance(refusal.error(), ModeUnavailable)
 
 
