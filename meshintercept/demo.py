@@ -64,9 +64,9 @@ def _resolve_and_call(client, echo: Callable[[str], None]) -> tuple:
     if not fields:
         return None, None
     echo(f"$ curl -s http://{SERVICE_NAME}:{SERVICE_PORT}/")
-    raw = client.connect(fields[0], SERVICE_PORT, send=b"GET / HTTP/1.0\r\nHost: pipy-ok\r\n\r\n")
-    echo(_body(raw))
-    return fields[0], _body(raw)
+    body = _body(client.connect(fields[0], SERVICE_PORT, send=b"GET / HTTP/1.0\r\nHost: pipy-ok\r\n\r\n"))
+    echo(body)
+    return fields[0], body
 
 
 def run_demo(mode: str, keep: bool = False, echo: Callable[[str], None] = print, capture_dns: bool = False) -> list:

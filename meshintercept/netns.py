@@ -35,6 +35,14 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def unshare_net() -> None:
+    """Move the calling process into a new, empty network namespace (for throwaway self-tests
+    in a forked child: the namespace goes when the child does)."""
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+
+
 def setns_path(path: str, nstype: int = CLONE_NEWNET) -> None:
     """Move the calling thread into the namespace whose nsfs file (or /proc/PID/ns/...) is ``path``."""
     fd = os.open(path, os.O_RDONLY)

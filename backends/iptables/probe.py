@@ -10,10 +10,7 @@ fix, but a user staring at ``iptables -t nat -L`` and seeing nothing deserves to
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
-import os
 import re
 import shutil
 import socket
@@ -24,7 +21,7 @@ from typing import List, Optional
 from meshintercept.backends.iptables import rules as model
 from meshintercept.backends.iptables import table
 from meshintercept.errors import MeshInterceptError
-from meshintercept.netns import Netns, ipv6_unavailable, run_forked
+from meshintercept.netns import Netns, ipv6_unavailable, run_forked, unshare_net
 
 SOL_IP = 0
 SOL_IPV6 = 41
@@ -164,7 +161,6 @@ def iptables_variant() -> dict:
 
 
 # --- self-test in a throwaway namespace --------------------------------------------------------
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def original_dst(sock: socket.socket):
@@ -196,9 +192,7 @@ def self_test(spec) -> dict:
 
 
 def _self_test_inside(spec, version: int) -> dict:
-    if _libc.unshare(CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+    unshare_net()
     from pyroute2 import IPRoute
 
     no_ipv6 = ipv6_unavailable()

@@ -151,10 +151,9 @@ def priority_names() -> Dict[Tuple[str, int], str]:
 
 
 def _spelling_in_throwaway_namespace(priority: int) -> Dict[Tuple[str, int], str]:
-    from meshintercept.netns import CLONE_NEWNET
+    from meshintercept.netns import unshare_net
 
-    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    unshare_net()
     hooks = ("prerouting", "output")
     with session() as nft:
         nft.run([{"add": {"table": {"family": "inet", "name": "t"}}}]

@@ -10,8 +10,6 @@ ruleset is never read or written.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import re
 import shutil
 import socket
@@ -21,7 +19,7 @@ from typing import Dict, Optional, Tuple
 from meshintercept.backends.nftables import lib, table
 from meshintercept.backends.nftables import ruleset as model
 from meshintercept.errors import MeshInterceptError
-from meshintercept.netns import CLONE_NEWNET, ipv6_unavailable, run_forked
+from meshintercept.netns import ipv6_unavailable, run_forked, unshare_net
 from meshintercept.sidecar import fmt, original_dst
 from meshintercept.spec import InterceptSpec
 
@@ -37,8 +35,6 @@ LINK6 = ["addr add fd00:231:ffff::1/64 dev mi-nft0 nodad"]
 FLAVOURS = {"iptables-legacy": ["iptables-legacy", "-w", "-t", "nat", "-n", "-L"],
             "iptables-nft": ["iptables-nft", "-w", "-t", "nat", "-n", "-L"]}
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def self_test(spec: InterceptSpec) -> dict:
     """``{"error"?, "version", "matches_plan", "families", "connections": {way: {...}}, "flavours": {...}}``."""
@@ -46,9 +42,7 @@ def self_test(spec: InterceptSpec) -> dict:
 
 
 def _in_throwaway_namespace(spec: InterceptSpec) -> dict:
-    if _libc.unshare(CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+    unshare_net()
     no_ipv6 = ipv6_unavailable()
     commands = LINK + ([] if no_ipv6 else LINK6)
     subprocess.run(["ip", "-batch", "-"], input="\n".join(commands) + "\n", text=True, check=True,
